@@ -1,0 +1,121 @@
+"""Mount options, passphrase sources and default locations."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megafs.errors import MegafsError
+
+
+class UsageError(MegafsError):
+    """The command line or an option is wrong."""
+
+
+def xdg_dir(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+def default_cache_root() -> Path:
+    return xdg_dir("XDG_CACHE_HOME", ".cache") / "megafs"
+
+
+def default_config_dir() -> Path:
+    return xdg_dir("XDG_CONFIG_HOME", ".config") / "megafs"
+
+
+def default_data_dir() -> Path:
+    return xdg_dir("XDG_DATA_HOME", ".local/share") / "megafs"
+
+
+@dataclass
+class MountOptions:
+    """Parsed ``-o`` options."""
+
+    read_only: bool = False
+    allow_other: bool = False
+    cache_dir: Path = field(default_factory=default_cache_root)
+    commit_interval: float = 1.0
+    debug: bool = False
+    fsname: str | None = None
+    passphrase_file: Path | None = None
+
+    def fuse_options(self, store_url: str) -> set[str]:
+        opts = {"default_permissions", "subtype=megafs", f"fsname={self.fsname or store_url}"}
+        if self.read_only:
+            opts.add("ro")
+        if self.allow_other:
+            opts.add("allow_other")
+        return opts
+
+
+# Options that only matter to mount(8), fstab or systemd; ignored here.
+_IGNORED = {"rw", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail",
+            "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+            "relatime", "async"}
+
+
+def parse_options(specs: list[str]) -> MountOptions:
+    """Parse ``-o a,b=c`` strings; an unknown option is a :class:`UsageError`."""
+    opts = MountOptions()
+    for spec in specs:
+        for item in filter(None, spec.split(",")):
+            name, _, value = item.partition("=")
+            if name == "ro":
+                opts.read_only = True
+            elif name == "allow_other":
+                opts.allow_other = True
+            elif name == "cache_dir" and value:
+                opts.cache_dir = Path(value).expanduser()
+            elif name == "commit_interval" and value:
+                try:
+                    opts.commit_interval = float(value)
+                except ValueError:
+                    raise UsageError(f"commit_interval={value}: not a number") from None
+                if not 0 < opts.commit_interval <= 3600:
+                    raise UsageError("commit_interval must be between 0 and 3600 seconds")
+            elif name == "debug":
+                opts.debug = True
+            elif name == "fsname" and value:
+                opts.fsname = value
+            elif name == "passphrase_file" and value:
+                opts.passphrase_file = Path(value)
+            elif name in _IGNORED or name.startswith("x-") or name == "subtype":
+                continue
+            else:
+                raise UsageError(f"unknown mount option {item!r}")
+    return opts
+
+
+def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False) -> bytes:
+    """The volume passphrase: ``MEGAFS_PASSPHRASE``, a file, a systemd credential,
+    or a prompt on the terminal. Never a command-line argument."""
+    if passphrase_file is not None:
+        try:
+            data = passphrase_file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read passphrase file {passphrase_file}: {exc.strerror}") from None
+        data = data.rstrip(b"\r\n")
+        if not data:
+            raise UsageError(f"passphrase file {passphrase_file} is empty")
+        return data
+    env = os.environ.get("MEGAFS_PASSPHRASE")
+    if env:
+        return env.encode()
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / "megafs-passphrase").exists():
+        return read_passphrase(Path(cred_dir) / "megafs-passphrase")
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "no passphrase: set MEGAFS_PASSPHRASE or use --passphrase-file (no terminal to ask on)"
+        )
+    first = getpass.getpass("Volume passphrase: ")
+    if not first:
+        raise UsageError("empty passphrase")
+    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise UsageError("the passphrases do not match")
+    return first.encode()

@@ -1,0 +1,12 @@
+"""Process exit codes of the megafs commands (one table, never inline numbers)."""
+
+from typing import Final
+
+OK: Final = 0
+ERROR: Final = 1  # any failure with a one-line message
+USAGE: Final = 2  # bad command line (argparse uses 2 as well)
+WRONG_PASSPHRASE: Final = 3
+NOT_A_VOLUME: Final = 4
+STORE_ERROR: Final = 5
+MOUNTPOINT_ERROR: Final = 6
+INTERRUPTED: Final = 130

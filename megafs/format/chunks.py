@@ -1,0 +1,120 @@
+"""File content: fixed-offset chunks, sealed in sub-blocks.
+
+A file's bytes are cut at fixed offsets into chunks of :data:`CHUNK_SIZE` (the last
+one, and chunks before a hole, may be shorter). Chunk ``i`` covers plaintext
+``[i * CHUNK_SIZE, i * CHUNK_SIZE + length)``; a chunk that is absent from the file's
+record is a hole and reads as zeros (all-zero chunks are never stored).
+
+A chunk is stored once per volume under ``c/XX/HEX`` where ``HEX`` is
+HMAC-SHA256(chunk-id key, plaintext): identical chunks share one object (dedup) and
+the id reveals nothing without the key. The object is the concatenation of the
+chunk's sub-blocks of :data:`BLOCK_SIZE` plaintext bytes, each sealed on its own::
+
+    sealed block j = nonce (12) || AES-256-GCM(block j) || tag (16)
+    AD = context(KIND_CHUNK, volume_id, object_key, j, last = j == nblocks - 1)
+
+so a 4 KiB read fetches one sealed block with a ranged GET at
+``j * SEALED_BLOCK_SIZE`` and opens it alone. The record that references a chunk
+stores its plaintext length, from which the reader knows how many blocks there are
+and which one must carry the last flag (truncation and extension fail to open).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Final
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from megafs.errors import IntegrityError
+from megafs.format.seal import KIND_CHUNK, OVERHEAD, context, open_sealed, seal
+
+CHUNK_SIZE: Final = 4 * 1024 * 1024
+BLOCK_SIZE: Final = 64 * 1024
+SEALED_BLOCK_SIZE: Final = BLOCK_SIZE + OVERHEAD
+CHUNK_ID_SIZE: Final = 32
+
+
+def chunk_id(id_key: bytes, plaintext: bytes | memoryview) -> bytes:
+    """The keyed-hash identity of a chunk's plaintext (32 bytes)."""
+    return hmac.new(id_key, plaintext, hashlib.sha256).digest()
+
+
+def chunk_key(cid: bytes) -> str:
+    """The store key of a chunk object."""
+    h = cid.hex()
+    return f"c/{h[:2]}/{h}"
+
+
+def block_count(length: int) -> int:
+    """How many sealed blocks a chunk of ``length`` plaintext bytes has."""
+    return max(1, -(-length // BLOCK_SIZE))
+
+
+def sealed_size(length: int) -> int:
+    """The size of the stored object for a chunk of ``length`` plaintext bytes."""
+    return length + block_count(length) * OVERHEAD
+
+
+def seal_chunk(aead: AESGCM, volume_id: bytes, cid: bytes, plaintext: bytes | memoryview) -> bytes:
+    """Seal a whole chunk for upload."""
+    key = chunk_key(cid)
+    view = memoryview(plaintext)
+    n = block_count(len(view))
+    parts = []
+    for j in range(n):
+        ad = context(KIND_CHUNK, volume_id, key, j, last=j == n - 1)
+        parts.append(seal(aead, view[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE], ad))
+    return b"".join(parts)
+
+
+def block_range(p_start: int, p_end: int, length: int) -> tuple[int, int, int, int]:
+    """For plaintext ``[p_start, p_end)`` of a chunk of ``length`` bytes: the first
+    and one-past-last block numbers and the ciphertext byte range to fetch."""
+    if not 0 <= p_start < p_end <= length:
+        raise ValueError(f"bad range [{p_start}, {p_end}) of a {length}-byte chunk")
+    first = p_start // BLOCK_SIZE
+    stop = -(-p_end // BLOCK_SIZE)
+    c_start = first * SEALED_BLOCK_SIZE
+    c_end = min(stop * SEALED_BLOCK_SIZE, sealed_size(length))
+    return first, stop, c_start, c_end
+
+
+def open_blocks(
+    aead: AESGCM,
+    volume_id: bytes,
+    cid: bytes,
+    length: int,
+    first: int,
+    sealed: bytes,
+) -> bytes:
+    """Open consecutive sealed blocks starting at block ``first`` of a chunk whose
+    plaintext is ``length`` bytes long; returns their plaintext."""
+    key = chunk_key(cid)
+    n = block_count(length)
+    out = []
+    view = memoryview(sealed)
+    pos = 0
+    j = first
+    while pos < len(view):
+        if j >= n:
+            raise IntegrityError(f"chunk {key}: object longer than its record says")
+        p_len = min(BLOCK_SIZE, length - j * BLOCK_SIZE)
+        unit = view[pos : pos + p_len + OVERHEAD]
+        if len(unit) != p_len + OVERHEAD:
+            raise IntegrityError(f"chunk {key}: truncated at block {j}")
+        ad = context(KIND_CHUNK, volume_id, key, j, last=j == n - 1)
+        out.append(open_sealed(aead, unit, ad, f"chunk {key} block {j}"))
+        pos += len(unit)
+        j += 1
+    return b"".join(out)
+
+
+def verify_chunk(aead: AESGCM, volume_id: bytes, cid: bytes, length: int, sealed: bytes) -> bytes:
+    """Open a whole chunk object, checking its exact size; returns the plaintext."""
+    if len(sealed) != sealed_size(length):
+        raise IntegrityError(
+            f"chunk {chunk_key(cid)}: size {len(sealed)} is not the expected {sealed_size(length)}"
+        )
+    return open_blocks(aead, volume_id, cid, length, 0, sealed)

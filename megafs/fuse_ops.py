@@ -1,0 +1,249 @@
+"""The pyfuse3 adapter: converts types and errors, nothing else.
+
+pyfuse3 ends the whole filesystem on the first exception that is not a
+``FUSEError``, so every handler goes through :func:`_guard`: domain errors become
+their errno (:func:`megafs.errors.errno_for`), anything unexpected becomes EIO with
+a logged traceback, and the mount lives on. ``forget`` never raises.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from megafs.errors import FsError, MegafsError, errno_for
+from megafs.vfs.fs import Ctx, Vfs
+from megafs.vfs.node import Attr
+
+log = logging.getLogger(__name__)
+
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _guard(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except MegafsError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        except OSError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _entry(a: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.ino
+    e.generation = 0
+    e.entry_timeout = ENTRY_TIMEOUT
+    e.attr_timeout = ATTR_TIMEOUT
+    e.st_mode = a.mode
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_rdev = a.rdev
+    e.st_size = a.size
+    e.st_blksize = 65536
+    e.st_blocks = a.blocks
+    e.st_atime_ns = a.atime_ns
+    e.st_mtime_ns = a.mtime_ns
+    e.st_ctime_ns = a.ctime_ns
+    return e
+
+
+def _ctx(ctx: Any) -> Ctx:
+    return Ctx(ctx.uid, ctx.gid, ctx.umask)
+
+
+class Operations(pyfuse3.Operations):  # type: ignore[misc]
+    """pyfuse3 handlers over a :class:`~megafs.vfs.fs.Vfs`."""
+
+    enable_writeback_cache = True
+
+    def __init__(self, vfs: Vfs) -> None:
+        super().__init__()
+        self.vfs = vfs
+
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return _entry(await self.vfs.lookup(parent_inode, name))
+
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
+        for ino, n in inode_list:
+            try:
+                self.vfs.forget(ino, n)
+            except Exception:
+                log.exception("forget failed")
+
+    @_guard
+    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return _entry(await self.vfs.getattr(inode))
+
+    @_guard
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(
+            await self.vfs.setattr(
+                inode,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            )
+        )
+
+    @_guard
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.vfs.readlink(inode)
+
+    @_guard
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.vfs.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return _entry(await self.vfs.mkdir(parent_inode, name, mode, _ctx(ctx)))
+
+    @_guard
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.vfs.symlink(parent_inode, name, target, _ctx(ctx)))
+
+    @_guard
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.vfs.link(inode, new_parent_inode, new_name))
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.vfs.unlink(parent_inode, name)
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.vfs.rmdir(parent_inode, name)
+
+    @_guard
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.vfs.create(parent_inode, name, mode, flags, _ctx(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), _entry(attr)
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh = await self.vfs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.vfs.read(fh, off, size)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.vfs.write(fh, off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        await self.vfs.flush(fh)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.vfs.fsync(fh, datasync)
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        await self.vfs.release(fh)
+
+    @_guard
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        return await self.vfs.opendir(inode)
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        h = self.vfs.handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        for name, attr, cookie in await self.vfs.readdir(h.ino, start_id):
+            if not pyfuse3.readdir_reply(token, name, _entry(attr), cookie):
+                break
+            self.vfs.remember(attr.ino)
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        await self.vfs.releasedir(fh)
+
+    @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if not self.vfs.read_only:
+            await self.vfs.commit()
+
+    @_guard
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = self.vfs.statfs()
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = s.block_size
+        d.f_frsize = s.block_size
+        d.f_blocks = s.blocks
+        d.f_bfree = s.blocks_free
+        d.f_bavail = s.blocks_free
+        d.f_files = s.files
+        d.f_ffree = s.files_free
+        d.f_favail = s.files_free
+        d.f_namemax = s.name_max
+        return d
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return await self.vfs.getxattr(inode, name)
+
+    @_guard
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        await self.vfs.setxattr(inode, name, value)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return await self.vfs.listxattr(inode)
+
+    @_guard
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        await self.vfs.removexattr(inode, name)

@@ -1,0 +1,66 @@
+"""The object store seam.
+
+An object store is a flat, dumb, untrusted key -> bytes map. Keys are ASCII strings
+made of ``[a-z0-9._-]`` segments separated by ``/`` (e.g. ``c/ab/ab12...``); stores
+may map ``/`` to directories or prefixes, and must give every key back unchanged
+from :meth:`ObjectStore.list`.
+
+Contract (checked by :func:`megafs.testing.check_store` against every store):
+
+* ``get(key, start, end)`` returns bytes ``[start, end)`` of the object (``end=None``
+  means to its end; a range past the end is clipped, never padded). A missing object
+  raises :class:`~megafs.errors.ObjectNotFound`.
+* ``put(key, data)`` replaces the object atomically: a reader sees the old or the new
+  bytes, never a mix or a prefix. With ``if_none_match=True`` it raises
+  :class:`~megafs.errors.PreconditionFailed` if the key exists; with ``if_match=ETAG``
+  it raises it unless the current ETag equals ``ETAG``. Returns the new ETag.
+* ``delete(key)`` is idempotent: deleting a missing key is not an error.
+* ``head(key)`` returns :class:`ObjectInfo` or raises ``ObjectNotFound``.
+* ``list(prefix)`` returns every object whose key starts with ``prefix``, sorted by key.
+* Transient failures raise :class:`~megafs.errors.StoreUnavailable`; everything else a
+  subclass of :class:`~megafs.errors.StoreError`. No foreign exception escapes.
+* Every method is safe to call concurrently from many trio tasks.
+* ``aclose()`` releases connections; the store is not used after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object."""
+
+    key: str
+    size: int
+    etag: str
+
+
+class ObjectStore(Protocol):
+    """A flat key -> bytes store. See the module docstring for the contract."""
+
+    @property
+    def url(self) -> str:
+        """A printable description of where the store lives (no secrets)."""
+        ...
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes: ...
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def head(self, key: str) -> ObjectInfo: ...
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,144 @@
+"""File content in memory: dirty chunk buffers over stored chunks.
+
+Every function here must be called with ``node.content_lock`` held: they ``await``
+chunk fetches and uploads in the middle of changing ``node.dirty`` and
+``node.record.chunks``, and the lock is what keeps those changes whole.
+
+Invariants (with the lock released):
+
+* ``record.size`` is the file's current size; bytes past a buffer's end or in a
+  chunk with neither buffer nor reference read as zeros (holes).
+* No buffer or stored chunk holds bytes at or past ``record.size`` (truncation cuts).
+* ``record.inline`` is not None only when ``dirty`` and ``record.chunks`` are empty;
+  then it holds exactly the file's bytes.
+* ``stored_size == record.size`` whenever ``dirty`` is empty.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from megafs.format.chunks import CHUNK_SIZE
+from megafs.vfs.node import Node
+from megafs.volume.drive import Volume
+
+INLINE_MAX: Final = 4096
+
+
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+async def read(vol: Volume, node: Node, off: int, size: int) -> bytes:
+    r = node.record
+    end = min(off + size, r.size)
+    if off >= end:
+        return b""
+    if r.inline is not None:
+        data = r.inline[off:end]
+        return data + _zeros(end - off - len(data))
+    parts = []
+    pos = off
+    while pos < end:
+        i = pos // CHUNK_SIZE
+        base = i * CHUNK_SIZE
+        lo, hi = pos - base, min(base + CHUNK_SIZE, end) - base
+        buf = node.dirty.get(i)
+        if buf is not None:
+            piece = bytes(buf[lo:hi])
+        elif (ref := r.chunks.get(i)) is not None:
+            piece = await vol.read_chunk(ref, lo, hi)
+        else:
+            piece = b""
+        if len(piece) < hi - lo:
+            piece += _zeros(hi - lo - len(piece))
+        parts.append(piece)
+        pos = base + hi
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _uninline(node: Node) -> None:
+    r = node.record
+    if r.inline is not None:
+        if r.inline:
+            node.dirty[0] = bytearray(r.inline)
+        r.inline = None
+
+
+async def write(vol: Volume, node: Node, off: int, data: bytes) -> None:
+    """Write ``data`` at ``off``; full chunks that the write completed are uploaded."""
+    r = node.record
+    _uninline(node)
+    view = memoryview(data)
+    end = off + len(data)
+    pos = off
+    full: list[int] = []
+    while pos < end:
+        i = pos // CHUNK_SIZE
+        base = i * CHUNK_SIZE
+        lo = pos - base
+        n = min(CHUNK_SIZE - lo, end - pos)
+        buf = node.dirty.get(i)
+        if buf is None:
+            ref = r.chunks.get(i)
+            if ref is not None and not (lo == 0 and n >= ref.length):
+                buf = bytearray(await vol.read_chunk(ref, 0, ref.length))
+            else:
+                buf = bytearray()
+            node.dirty[i] = buf
+        if len(buf) < lo:
+            buf.extend(_zeros(lo - len(buf)))
+        buf[lo : lo + n] = view[pos - off : pos - off + n]
+        if lo + n == CHUNK_SIZE:
+            full.append(i)
+        pos += n
+    if end > r.size:
+        r.size = end
+    for i in full:
+        await flush_chunk(vol, node, i)
+
+
+async def truncate(vol: Volume, node: Node, size: int) -> None:
+    r = node.record
+    _uninline(node)
+    if size < r.size:
+        for i in [i for i in node.dirty if i * CHUNK_SIZE >= size]:
+            del node.dirty[i]
+        for i in [i for i in r.chunks if i * CHUNK_SIZE >= size]:
+            del r.chunks[i]
+        i, cut = divmod(size, CHUNK_SIZE)
+        if cut:
+            if i in node.dirty:
+                del node.dirty[i][cut:]
+            elif (ref := r.chunks.get(i)) is not None and ref.length > cut:
+                node.dirty[i] = bytearray(await vol.read_chunk(ref, 0, cut))
+    r.size = size
+
+
+async def flush_chunk(vol: Volume, node: Node, i: int) -> None:
+    buf = node.dirty[i]
+    valid = max(0, min(len(buf), node.record.size - i * CHUNK_SIZE))
+    data = bytes(buf[:valid])
+    if data.count(0) == len(data):
+        node.record.chunks.pop(i, None)
+    else:
+        node.record.chunks[i] = await vol.write_chunk(data)
+    # The buffer may have been replaced only under the lock we hold.
+    del node.dirty[i]
+    if not node.dirty:
+        node.stored_size = node.record.size
+
+
+async def flush(vol: Volume, node: Node) -> None:
+    """Upload every dirty buffer (small files go inline). Afterwards the record
+    describes the whole content and ``stored_size == record.size``."""
+    r = node.record
+    if r.size <= INLINE_MAX and set(r.chunks) | set(node.dirty) <= {0}:
+        if r.inline is None:
+            r.inline = await read(vol, node, 0, r.size)
+            r.chunks.clear()
+            node.dirty.clear()
+    else:
+        for i in sorted(node.dirty):
+            await flush_chunk(vol, node, i)
+    node.stored_size = r.size

@@ -1,0 +1,744 @@
+"""The vfs: inode table, handles, POSIX semantics and the metadata commit.
+
+Nothing here knows FUSE; errors are :class:`~megafs.errors.FsError` (with an errno)
+or other :class:`~megafs.errors.MegafsError` subclasses, mapped by the adapter.
+
+Concurrency rules (trio, one thread):
+
+* Namespace operations first ``await`` everything they need loaded (directories via
+  :meth:`Vfs._dir`), then check and change the tree in one synchronous section with
+  no ``await`` in it. If something they loaded was replaced meanwhile, they load
+  again. So the tree is never seen half-changed.
+* File content is changed only with ``node.content_lock`` held (see
+  :mod:`megafs.vfs.content`).
+* :meth:`Vfs.commit` runs under ``_commit_lock``. It seals a snapshot of every dirty
+  directory and inode object in one synchronous section (clearing the dirty sets
+  there), then uploads: inode objects and never-stored directories first, then the
+  rest, then deletes objects that nothing references any more. Chunks are always
+  stored before a record that references them is sealed (records only ever hold
+  uploaded chunk references), so the store never references a missing object.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Final
+
+import trio
+
+from megafs.errors import FsError, MegafsError
+from megafs.format.records import NAME_MAX, Record
+from megafs.vfs import content
+from megafs.vfs.node import Attr, Node
+from megafs.volume.drive import ROOT_INO, SealedObject, Volume
+
+log = logging.getLogger(__name__)
+
+XATTR_NAME_MAX: Final = 255
+XATTR_SIZE_MAX: Final = 65536
+DIRTY_BYTES_MAX: Final = 256 * 1024 * 1024
+RENAME_NOREPLACE: Final = 1
+RENAME_EXCHANGE: Final = 2
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Who is asking: the caller's ids and umask."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+
+
+@dataclass
+class Handle:
+    ino: int
+    flags: int
+
+
+@dataclass
+class StatFs:
+    block_size: int
+    blocks: int
+    blocks_free: int
+    files: int
+    files_free: int
+    name_max: int
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL)
+    if name in (b".", b".."):
+        raise FsError(errno.EEXIST)
+
+
+class Vfs:
+    """A mounted volume's filesystem, independent of FUSE."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        *,
+        read_only: bool = False,
+        commit_interval: float = 1.0,
+        space: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
+        self.volume = volume
+        self.read_only = read_only or volume.read_only
+        self.commit_interval = commit_interval
+        self._space = space
+        self.nodes: dict[int, Node] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._dirty_dirs: set[int] = set()
+        self._dirty_inodes: set[int] = set()
+        self._dirty_content: set[int] = set()
+        self._deletions: list[str] = []
+        self._commit_lock = trio.Lock()
+        self.errors = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load the root directory (the only object fetched at mount)."""
+        contents = await self.volume.load_dir(ROOT_INO)
+        if contents.self_record is None:
+            raise MegafsError("root directory object has no attributes")
+        root = Node(record=contents.self_record)
+        self.nodes[ROOT_INO] = root
+        await self._fill_dir(root, contents.entries)
+
+    async def run_committer(self) -> None:
+        """Commit dirty metadata every ``commit_interval`` seconds until cancelled."""
+        while True:
+            await trio.sleep(self.commit_interval)
+            try:
+                await self.sync(idle_only=True)
+            except MegafsError as exc:
+                self.errors += 1
+                log.error("background commit failed (will retry): %s", exc)
+
+    async def sync(self, *, idle_only: bool = False) -> None:
+        """Upload dirty file content, then commit all dirty metadata. With
+        ``idle_only``, files written to within the last interval keep their buffers."""
+        now = trio.current_time()
+        for ino in list(self._dirty_content):
+            node = self.nodes.get(ino)
+            if node is None:
+                self._dirty_content.discard(ino)
+                continue
+            if idle_only and now - node.last_write < self.commit_interval:
+                continue
+            await self._flush_node(node)
+        await self.commit()
+
+    async def close(self) -> None:
+        """Final flush and commit (unmount)."""
+        if not self.read_only:
+            await self.sync()
+        self.volume.save_state()
+
+    # --------------------------------------------------------------- helpers
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT, f"inode {ino} unknown") from None
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+
+    def _dirty_record(self, node: Node) -> None:
+        """Note that ``node``'s record changed and must be committed."""
+        if node.ino == ROOT_INO:
+            self._dirty_dirs.add(ROOT_INO)
+        elif node.hardlinked:
+            if node.record.nlink > 0:
+                self._dirty_inodes.add(node.ino)
+        elif node.parent is not None:
+            self._dirty_dirs.add(node.parent)
+
+    async def _dir(self, ino: int) -> Node:
+        """The directory node ``ino`` with its entries loaded."""
+        while True:
+            node = self._node(ino)
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if node.entries is not None:
+                return node
+            if node.loading is not None:
+                await node.loading.wait()
+                continue
+            node.loading = trio.Event()
+            try:
+                contents = await self.volume.load_dir(ino)
+                await self._fill_dir(node, contents.entries)
+            finally:
+                node.loading.set()
+                node.loading = None
+
+    async def _fill_dir(self, node: Node, entries: dict[bytes, Record]) -> None:
+        need = [r.ino for r in entries.values() if r.ref and r.ino not in self.nodes]
+        linked: dict[int, Record] = {}
+        if need:
+            async def fetch(i: int) -> None:
+                linked[i] = await self.volume.load_inode(i)
+
+            async with trio.open_nursery() as n:
+                for i in set(need):
+                    n.start_soon(fetch, i)
+        # Synchronous from here: the directory appears whole.
+        node.entries = {}
+        for name, rec in entries.items():
+            child = self.nodes.get(rec.ino)
+            if child is None:
+                if rec.ref:
+                    child = Node(record=linked[rec.ino], hardlinked=True)
+                else:
+                    child = Node(record=rec, parent=node.ino)
+                child.stored_size = child.record.size
+                self.nodes[rec.ino] = child
+            node.add_entry(name, rec.ino)
+
+    def _new_ino(self) -> int:
+        while True:
+            ino = secrets.randbits(63)
+            if ino > ROOT_INO and ino not in self.nodes:
+                return ino
+
+    def _new_node(self, parent: Node, mode: int, ctx: Ctx, **kw: object) -> Node:
+        t = _now()
+        gid = ctx.gid
+        if parent.record.mode & stat.S_ISGID:
+            gid = parent.record.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        rec = Record(ino=self._new_ino(), mode=mode, uid=ctx.uid, gid=gid, nlink=1,
+                     atime_ns=t, mtime_ns=t, ctime_ns=t, **kw)  # type: ignore[arg-type]
+        node = Node(record=rec, parent=parent.ino, stored_size=rec.size)
+        self.nodes[rec.ino] = node
+        return node
+
+    def _touch_dir(self, d: Node) -> None:
+        t = _now()
+        d.record.mtime_ns = d.record.ctime_ns = t
+        self._dirty_dirs.add(d.ino)
+        self._dirty_record(d)
+
+    def _lookup_entry(self, d: Node, name: bytes) -> Node | None:
+        assert d.entries is not None
+        ino = d.entries.get(name)
+        return None if ino is None else self.nodes[ino]
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.record.nlink == 0 and node.lookups <= 0 and node.opens <= 0 and node.ino != ROOT_INO:
+            self.nodes.pop(node.ino, None)
+            self._dirty_content.discard(node.ino)
+            self._dirty_inodes.discard(node.ino)
+            node.dirty.clear()
+
+    def _unlink_node(self, d: Node, name: bytes, node: Node) -> None:
+        """Remove entry ``name`` (pointing at ``node``) from ``d``. Synchronous."""
+        d.remove_entry(name)
+        self._dirty_dirs.add(d.ino)
+        t = _now()
+        node.record.ctime_ns = t
+        if node.is_dir:
+            node.record.nlink = 0
+            d.record.nlink -= 1
+            self._dirty_record(d)
+            self._dirty_dirs.discard(node.ino)
+            if node.stored:
+                self._deletions.append(self.volume.dir_key(node.ino))
+            node.parent = None
+        else:
+            node.record.nlink -= 1
+            if node.hardlinked:
+                if node.record.nlink == 0:
+                    self._dirty_inodes.discard(node.ino)
+                    if node.stored:
+                        self._deletions.append(self.volume.inode_key(node.ino))
+                else:
+                    self._dirty_inodes.add(node.ino)
+            else:
+                node.parent = None
+        self._maybe_drop(node)
+
+    # -------------------------------------------------------------- lookups
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        d = await self._dir(parent)
+        if name == b".":
+            node = d
+        elif name == b"..":
+            node = self._node(d.parent if d.parent is not None else ROOT_INO)
+        else:
+            found = self._lookup_entry(d, name)
+            if found is None:
+                raise FsError(errno.ENOENT)
+            node = found
+        node.lookups += 1
+        return node.attr()
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.lookups -= n
+            self._maybe_drop(node)
+
+    def remember(self, ino: int) -> None:
+        """Count one more kernel reference (readdirplus replied an entry)."""
+        self.nodes[ino].lookups += 1
+
+    async def getattr(self, ino: int) -> Attr:
+        return self._node(ino).attr()
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Attr:
+        self._writable()
+        node = self._node(ino)
+        r = node.record
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not node.is_reg:
+                raise FsError(errno.EINVAL)
+            async with node.content_lock:
+                await content.truncate(self.volume, node, size)
+                await content.flush(self.volume, node)
+            self._dirty_content.discard(ino)
+            r.mtime_ns = _now()
+        if mode is not None:
+            r.mode = (r.mode & ~0o7777) | (mode & 0o7777)
+        if uid is not None:
+            r.uid = uid
+        if gid is not None:
+            r.gid = gid
+        if atime_ns is not None:
+            r.atime_ns = atime_ns
+        if mtime_ns is not None:
+            r.mtime_ns = mtime_ns
+        r.ctime_ns = ctime_ns if ctime_ns is not None else _now()
+        self._dirty_record(node)
+        return node.attr()
+
+    async def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if not stat.S_ISLNK(node.record.mode):
+            raise FsError(errno.EINVAL)
+        return node.record.target
+
+    # ------------------------------------------------------ namespace changes
+
+    async def _prepare_new(self, parent: int, name: bytes) -> Node:
+        self._writable()
+        _check_name(name)
+        d = await self._dir(parent)
+        if d.record.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if self._lookup_entry(d, name) is not None:
+            raise FsError(errno.EEXIST)
+        return d
+
+    def _link_new(self, d: Node, name: bytes, node: Node) -> Attr:
+        d.add_entry(name, node.ino)
+        self._touch_dir(d)
+        node.lookups += 1
+        return node.attr()
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Attr:
+        d = await self._prepare_new(parent, name)
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        node = self._new_node(d, mode & ~ctx.umask, ctx, rdev=rdev,
+                              inline=b"" if kind == stat.S_IFREG else None)
+        return self._link_new(d, name, node)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
+        d = await self._prepare_new(parent, name)
+        node = self._new_node(d, stat.S_IFDIR | (mode & ~ctx.umask & 0o7777), ctx)
+        node.record.nlink = 2
+        node.entries = {}
+        node.stored = False
+        self._dirty_dirs.add(node.ino)
+        d.record.nlink += 1
+        return self._link_new(d, name, node)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx) -> Attr:
+        d = await self._prepare_new(parent, name)
+        if len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG)
+        node = self._new_node(d, stat.S_IFLNK | 0o777, ctx, target=target, size=len(target))
+        return self._link_new(d, name, node)
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx
+    ) -> tuple[int, Attr]:
+        d = await self._prepare_new(parent, name)
+        node = self._new_node(d, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx, inline=b"")
+        attr = self._link_new(d, name, node)
+        return self._open_handle(node, flags), attr
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        d = await self._prepare_new(new_parent, new_name)
+        node = self._node(ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        if node.record.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if not node.hardlinked:
+            # From now on the record lives in its own inode object; the entries
+            # are references to it.
+            if node.parent is not None:
+                self._dirty_dirs.add(node.parent)
+            node.hardlinked = True
+            node.parent = None
+            node.stored = False
+        node.record.nlink += 1
+        node.record.ctime_ns = _now()
+        self._dirty_inodes.add(ino)
+        return self._link_new(d, new_name, node)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        self._writable()
+        d = await self._dir(parent)
+        node = self._lookup_entry(d, name)
+        if node is None:
+            raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        self._unlink_node(d, name, node)
+        self._touch_dir(d)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        self._writable()
+        while True:
+            d = await self._dir(parent)
+            node = self._lookup_entry(d, name)
+            if node is None:
+                raise FsError(errno.ENOENT)
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            await self._dir(node.ino)
+            if self._lookup_entry(d, name) is not node or node.entries is None:
+                continue  # changed while loading: look again
+            if node.entries:
+                raise FsError(errno.ENOTEMPTY)
+            self._unlink_node(d, name, node)
+            self._touch_dir(d)
+            return
+
+    def _is_ancestor(self, a: Node, b: Node) -> bool:
+        """Whether directory ``a`` is ``b`` or one of its ancestors."""
+        cur: Node | None = b
+        while cur is not None:
+            if cur is a:
+                return True
+            cur = self.nodes.get(cur.parent) if cur.parent is not None else None
+        return False
+
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        self._writable()
+        _check_name(new_name)
+        while True:
+            od = await self._dir(old_parent)
+            nd = await self._dir(new_parent)
+            src = self._lookup_entry(od, old_name)
+            if src is None:
+                raise FsError(errno.ENOENT)
+            dst = self._lookup_entry(nd, new_name)
+            if dst is not None and dst.is_dir and dst.entries is None:
+                await self._dir(dst.ino)
+                continue
+            if od.entries is None or nd.entries is None:
+                continue
+            break
+        # Synchronous from here on.
+        if src is dst:
+            return
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            if (src.is_dir and self._is_ancestor(src, nd)) or (
+                dst.is_dir and self._is_ancestor(dst, od)
+            ):
+                raise FsError(errno.EINVAL)
+            assert od.entries is not None and nd.entries is not None
+            od.entries[old_name] = dst.ino
+            nd.entries[new_name] = src.ino
+            for node, d in ((src, nd), (dst, od)):
+                if not node.hardlinked:
+                    node.parent = d.ino
+                node.record.ctime_ns = _now()
+            if src.is_dir != dst.is_dir:
+                delta = 1 if src.is_dir else -1
+                od.record.nlink -= delta
+                nd.record.nlink += delta
+            self._touch_dir(od)
+            self._touch_dir(nd)
+            return
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst.is_dir and dst.entries:
+                raise FsError(errno.ENOTEMPTY)
+        if src.is_dir and self._is_ancestor(src, nd):
+            raise FsError(errno.EINVAL)
+        if dst is not None:
+            self._unlink_node(nd, new_name, dst)
+        od.remove_entry(old_name)
+        nd.add_entry(new_name, src.ino)
+        if not src.hardlinked:
+            src.parent = nd.ino
+        if src.is_dir and od is not nd:
+            od.record.nlink -= 1
+            nd.record.nlink += 1
+        src.record.ctime_ns = _now()
+        self._dirty_record(src)
+        self._touch_dir(od)
+        self._touch_dir(nd)
+
+    # ---------------------------------------------------------------- reading dirs
+
+    async def opendir(self, ino: int) -> int:
+        await self._dir(ino)
+        return self._new_handle(Handle(ino, os.O_RDONLY | os.O_DIRECTORY))
+
+    async def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after cookie ``start``: (name, attributes, cookie)."""
+        d = await self._dir(ino)
+        assert d.entries is not None
+        items = [(d.cookies[name], name, i) for name, i in d.entries.items()]
+
+        def gen() -> Iterator[tuple[bytes, Attr, int]]:
+            for cookie, name, i in items:
+                if cookie > start and i in self.nodes:
+                    yield name, self.nodes[i].attr(), cookie
+
+        return gen()
+
+    # ---------------------------------------------------------------- files
+
+    def _new_handle(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    def _open_handle(self, node: Node, flags: int) -> int:
+        node.opens += 1
+        return self._new_handle(Handle(node.ino, flags))
+
+    def _handle(self, fh: int) -> tuple[Handle, Node]:
+        try:
+            h = self.handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+        return h, self.nodes[h.ino]
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self._node(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
+        if flags & os.O_TRUNC and node.is_reg and node.record.size:
+            await self.setattr(ino, size=0)
+        return self._open_handle(node, flags)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        _, node = self._handle(fh)
+        async with node.content_lock:
+            return await content.read(self.volume, node, off, size)
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        self._writable()
+        h, node = self._handle(fh)
+        async with node.content_lock:
+            if h.flags & os.O_APPEND:
+                off = node.record.size
+            await content.write(self.volume, node, off, data)
+            t = _now()
+            node.record.mtime_ns = node.record.ctime_ns = t
+            node.last_write = trio.current_time()
+            if node.dirty:
+                self._dirty_content.add(node.ino)
+            self._dirty_record(node)
+        if sum(len(b) for n in self._dirty_nodes() for b in n.dirty.values()) > DIRTY_BYTES_MAX:
+            await self._flush_node(node)
+        return len(data)
+
+    def _dirty_nodes(self) -> Iterator[Node]:
+        for ino in self._dirty_content:
+            n = self.nodes.get(ino)
+            if n is not None:
+                yield n
+
+    async def _flush_node(self, node: Node) -> None:
+        async with node.content_lock:
+            if node.record.nlink == 0:
+                node.dirty.clear()
+            elif node.dirty or node.stored_size != node.record.size:
+                await content.flush(self.volume, node)
+                self._dirty_record(node)
+            self._dirty_content.discard(node.ino)
+
+    async def flush(self, fh: int) -> None:
+        _, node = self._handle(fh)
+        if node.dirty:
+            await self._flush_node(node)
+
+    async def fsync(self, fh: int, datasync: bool = False) -> None:
+        _, node = self._handle(fh)
+        if not self.read_only:
+            await self._flush_node(node)
+            await self.commit()
+
+    async def release(self, fh: int) -> None:
+        h, node = self._handle(fh)
+        del self.handles[fh]
+        if h.flags & os.O_DIRECTORY:
+            return
+        node.opens -= 1
+        if node.dirty and node.record.nlink > 0:
+            await self._flush_node(node)
+        self._maybe_drop(node)
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # ---------------------------------------------------------------- xattrs
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        try:
+            return self._node(ino).record.xattrs[name]
+        except KeyError:
+            raise FsError(errno.ENODATA) from None
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return sorted(self._node(ino).record.xattrs)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._writable()
+        if name.startswith(b"system.") or name.startswith(b"security."):
+            raise FsError(errno.EOPNOTSUPP)
+        if len(name) > XATTR_NAME_MAX or not name:
+            raise FsError(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        node = self._node(ino)
+        node.record.xattrs[name] = value
+        node.record.ctime_ns = _now()
+        self._dirty_record(node)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        self._writable()
+        node = self._node(ino)
+        if node.record.xattrs.pop(name, None) is None:
+            raise FsError(errno.ENODATA)
+        node.record.ctime_ns = _now()
+        self._dirty_record(node)
+
+    # ---------------------------------------------------------------- statfs
+
+    def statfs(self) -> StatFs:
+        total, free = self._space() if self._space else (1 << 50, 1 << 50)
+        bs = 4096
+        return StatFs(bs, total // bs, free // bs, 1 << 32, (1 << 32) - len(self.nodes), NAME_MAX)
+
+    # ---------------------------------------------------------------- commit
+
+    def _stored_record(self, node: Node) -> Record:
+        if node.hardlinked:
+            return Record(ino=node.ino, ref=True)
+        if node.dirty and node.stored_size != node.record.size:
+            return replace(node.record, size=node.stored_size, chunks=dict(node.record.chunks))
+        return node.record
+
+    def _snapshot(self) -> tuple[list[tuple[SealedObject, Node]], list[tuple[SealedObject, Node]]]:
+        """Seal every dirty object (synchronous) and clear the dirty sets."""
+        first: list[tuple[SealedObject, Node]] = []
+        later: list[tuple[SealedObject, Node]] = []
+        for ino in self._dirty_inodes:
+            node = self.nodes.get(ino)
+            if node is None or node.record.nlink == 0:
+                continue
+            rec = node.record
+            if node.dirty and node.stored_size != rec.size:
+                rec = replace(rec, size=node.stored_size, chunks=dict(rec.chunks))
+            first.append((self.volume.seal_inode(rec), node))
+        for ino in self._dirty_dirs:
+            node = self.nodes.get(ino)
+            if node is None or node.entries is None or (ino != ROOT_INO and node.record.nlink == 0):
+                continue
+            entries = {name: self._stored_record(self.nodes[i]) for name, i in node.entries.items()}
+            self_rec = node.record if ino == ROOT_INO else None
+            obj = self.volume.seal_dir(ino, self_rec, entries)
+            (later if node.stored else first).append((obj, node))
+        self._dirty_inodes.clear()
+        self._dirty_dirs.clear()
+        return first, later
+
+    async def commit(self) -> None:
+        """Store every dirty directory and inode object (see the module docstring)."""
+        async with self._commit_lock:
+            first, later = self._snapshot()
+            deletions, self._deletions = self._deletions, []
+            try:
+                for batch in (first, later):
+                    await self._put_all(batch)
+                for key in deletions:
+                    await self.volume.delete_object(key)
+            except BaseException:
+                # Put everything back; the next commit retries it (rewriting an
+                # object that did make it is harmless).
+                for obj, node in first + later:
+                    dirty = self._dirty_inodes if obj.key.startswith("i/") else self._dirty_dirs
+                    dirty.add(node.ino)
+                self._deletions = deletions + self._deletions
+                raise
+            self.volume.save_state()
+
+    async def _put_all(self, batch: list[tuple[SealedObject, Node]]) -> None:
+        async def put(obj: SealedObject, node: Node) -> None:
+            await self.volume.put_object(obj)
+            node.stored = True
+
+        async with trio.open_nursery() as n:
+            for obj, node in batch:
+                n.start_soon(put, obj, node)

@@ -1,0 +1,100 @@
+"""In-memory inodes.
+
+A :class:`Node` wraps the stored :class:`~megafs.format.records.Record` of one inode
+and adds what only lives in memory: where its record is stored (``parent`` or its
+own inode object), the directory's entries once loaded, dirty content buffers, and
+kernel lookup / open counts.
+
+Ownership: every field is owned by the vfs and changed only in synchronous sections
+of :class:`megafs.vfs.fs.Vfs` methods, except the content fields (``dirty``,
+``record.chunks``, ``record.inline``, ``stored_size``), which are changed only while
+holding ``content_lock``.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+import trio
+
+from megafs.format.records import Record
+
+
+@dataclass
+class Attr:
+    """The attributes the vfs reports for one inode."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode in memory. See the module docstring for who owns what."""
+
+    record: Record
+    # Directory whose entry stores this record (None for the root, for hard-linked
+    # files whose record is an inode object, and for unlinked inodes).
+    parent: int | None = None
+    hardlinked: bool = False
+    # Directories: name -> ino once loaded (None until then), plus readdir cookies
+    # that stay valid while the directory changes.
+    entries: dict[bytes, int] | None = None
+    cookies: dict[bytes, int] = field(default_factory=dict)
+    next_cookie: int = 1
+    stored: bool = True  # directory/inode object exists on the store
+    loading: trio.Event | None = None
+    # Files: chunk index -> full current plaintext of that chunk (dirty, not stored).
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    stored_size: int = 0
+    last_write: float = 0.0
+    content_lock: trio.Lock = field(default_factory=trio.Lock)
+    lookups: int = 0
+    opens: int = 0
+
+    @property
+    def ino(self) -> int:
+        return self.record.ino
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.record.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.record.mode)
+
+    def attr(self) -> Attr:
+        r = self.record
+        blocks = 0
+        if self.is_reg:
+            stored = len(r.inline or b"")
+            stored += sum(c.length for i, c in r.chunks.items() if i not in self.dirty)
+            stored += sum(len(b) for b in self.dirty.values())
+            blocks = -(-min(stored, r.size) // 512)
+        return Attr(
+            ino=r.ino, mode=r.mode, nlink=r.nlink, uid=r.uid, gid=r.gid, rdev=r.rdev,
+            size=r.size, blocks=blocks, atime_ns=r.atime_ns, mtime_ns=r.mtime_ns,
+            ctime_ns=r.ctime_ns,
+        )
+
+    def add_entry(self, name: bytes, ino: int) -> None:
+        assert self.entries is not None
+        self.entries[name] = ino
+        self.cookies[name] = self.next_cookie
+        self.next_cookie += 1
+
+    def remove_entry(self, name: bytes) -> int:
+        assert self.entries is not None
+        self.cookies.pop(name, None)
+        return self.entries.pop(name)

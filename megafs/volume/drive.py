@@ -1,0 +1,347 @@
+"""The volume drive: megafs's own encrypted format (v1) on top of an object store.
+
+This is the only place where :mod:`megafs.format` meets I/O. It knows nothing of
+inodes tables, handles or FUSE; the vfs asks it to load and store directory and
+inode objects and to read and write chunks.
+
+Concurrency: every method may be called from many trio tasks at once.
+``_seen`` (the rollback table) is only touched in synchronous sections. Sealing of
+metadata (:meth:`seal_dir`, :meth:`seal_inode`) is synchronous on purpose: the vfs
+takes its snapshot and assigns the next version with no ``await`` in between, so
+two commits can never write the same version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, final
+
+import trio
+from cachetools import LRUCache
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from megafs.errors import IntegrityError, NotAVolume, ObjectNotFound, PreconditionFailed, VolumeError
+from megafs.format import chunks as fchunks
+from megafs.format import header as fheader
+from megafs.format import records as frec
+from megafs.format.seal import KIND_CACHE, KIND_DIR, KIND_INODE, context, open_sealed, seal
+from megafs.stores.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+ROOT_INO: Final = 1
+BLOCK_CACHE_BYTES: Final = 128 * 1024 * 1024
+
+
+@dataclass
+class SealedObject:
+    """A metadata object ready for upload; ``version`` is recorded once stored."""
+
+    key: str
+    data: bytes
+    version: int
+
+
+@final
+class Volume:
+    """An unlocked volume on a store."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        keys: fheader.VolumeKeys,
+        *,
+        state_dir: Path | None = None,
+        read_only: bool = False,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.read_only = read_only
+        self.volume_id = keys.volume_id
+        self._content = AESGCM(keys.content)
+        self._meta = AESGCM(keys.metadata)
+        self._cache_aead = AESGCM(keys.cache)
+        self._state_dir = state_dir
+        # Rollback table: object key -> highest version seen or written.
+        self._seen: dict[str, int] = {}
+        self._state_dirty = False
+        # Chunk ids known to exist on the store (dedup without a HEAD each time).
+        self._known_chunks: set[bytes] = set()
+        # Plaintext sub-block cache: (chunk id, block number) -> bytes.
+        self._blocks: LRUCache[tuple[bytes, int], bytes] = LRUCache(
+            maxsize=BLOCK_CACHE_BYTES, getsizeof=len
+        )
+        # Fetches in flight: concurrent readers of one missing block share one GET.
+        self._inflight: dict[tuple[bytes, int], trio.Event] = {}
+        self._load_state()
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    async def create(
+        cls,
+        store: ObjectStore,
+        passphrase: bytes,
+        *,
+        kdf_params: dict[str, int] | None = None,
+        root_mode: int = 0o40755,
+        uid: int | None = None,
+        gid: int | None = None,
+        now_ns: int | None = None,
+    ) -> bytes:
+        """Create a volume on an empty store; returns the volume id."""
+        blob, master, vid = await trio.to_thread.run_sync(
+            lambda: fheader.new_header(passphrase, kdf_params=kdf_params)
+        )
+        keys = fheader.derive_keys(master, vid)
+        vol = cls(store, keys)
+        t = now_ns if now_ns is not None else time.time_ns()
+        root = frec.Record(
+            ino=ROOT_INO,
+            mode=root_mode,
+            uid=os.getuid() if uid is None else uid,
+            gid=os.getgid() if gid is None else gid,
+            nlink=2,
+            atime_ns=t,
+            mtime_ns=t,
+            ctime_ns=t,
+        )
+        # Root directory first, header last: a half-created volume has no header
+        # and is "not a volume", never a volume with a missing root.
+        obj = vol.seal_dir(ROOT_INO, root, {})
+        await store.put(obj.key, obj.data)
+        try:
+            await store.put(fheader.HEADER_KEY, blob, if_none_match=True)
+        except PreconditionFailed:
+            raise VolumeError(f"{store.url} already holds a megafs volume") from None
+        return vid
+
+    @classmethod
+    async def open(
+        cls,
+        store: ObjectStore,
+        passphrase: bytes,
+        *,
+        state_root: Path | None = None,
+        read_only: bool = False,
+    ) -> Volume:
+        """Unlock the volume on ``store``. ``state_root`` holds per-volume local state
+        (the rollback table) in a subdirectory named after the volume id."""
+        try:
+            blob = await store.get(fheader.HEADER_KEY)
+        except ObjectNotFound:
+            raise NotAVolume(f"{store.url} is not a megafs volume (no header)") from None
+        master, vid = await trio.to_thread.run_sync(
+            lambda: fheader.unlock_header(blob, passphrase)
+        )
+        keys = fheader.derive_keys(master, vid)
+        state_dir = state_root / vid.hex() if state_root is not None else None
+        return cls(store, keys, state_dir=state_dir, read_only=read_only)
+
+    # ------------------------------------------------------------ local state
+
+    def _state_path(self) -> Path | None:
+        return self._state_dir / "versions" if self._state_dir is not None else None
+
+    def _load_state(self) -> None:
+        path = self._state_path()
+        if path is None or not path.exists():
+            return
+        ad = context(KIND_CACHE, self.volume_id, "versions")
+        try:
+            data = open_sealed(self._cache_aead, path.read_bytes(), ad, str(path))
+            self._seen = {str(k): int(v) for k, v in json.loads(data).items()}
+        except (IntegrityError, ValueError, OSError) as exc:
+            # Losing the table weakens rollback detection but loses no data.
+            log.warning("rollback table %s unreadable (%s); starting afresh", path, exc)
+
+    def save_state(self) -> None:
+        """Persist the rollback table (sealed) if it changed. Synchronous, small."""
+        path = self._state_path()
+        if path is None or not self._state_dirty:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ad = context(KIND_CACHE, self.volume_id, "versions")
+        blob = seal(self._cache_aead, json.dumps(self._seen).encode(), ad)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._state_dirty = False
+
+    def _check_version(self, key: str, version: int) -> None:
+        seen = self._seen.get(key, 0)
+        if version < seen:
+            raise IntegrityError(
+                f"object {key}: version {version} is older than version {seen} already "
+                "seen (rollback or replay)"
+            )
+        if version > seen:
+            self._seen[key] = version
+            self._state_dirty = True
+
+    # --------------------------------------------------------------- metadata
+
+    def dir_key(self, ino: int) -> str:
+        return frec.object_key(self.keys.object_id, "d", ino)
+
+    def inode_key(self, ino: int) -> str:
+        return frec.object_key(self.keys.object_id, "i", ino)
+
+    async def _get_meta(self, key: str, kind: int) -> bytes:
+        sealed = await self.store.get(key)
+        return open_sealed(self._meta, sealed, context(kind, self.volume_id, key), f"object {key}")
+
+    async def load_dir(self, ino: int) -> frec.DirContents:
+        """Fetch, open and check one directory object."""
+        key = self.dir_key(ino)
+        try:
+            plain = await self._get_meta(key, KIND_DIR)
+        except ObjectNotFound:
+            raise IntegrityError(f"directory object {key} is missing") from None
+        contents = frec.decode_dir(plain, f"directory object {key}")
+        if contents.ino != ino:
+            raise IntegrityError(f"directory object {key}: belongs to another directory")
+        self._check_version(key, contents.version)
+        if contents.bad_names:
+            log.error("directory object %s: skipped %d invalid entries", key, contents.bad_names)
+        return contents
+
+    async def load_inode(self, ino: int) -> frec.Record:
+        """Fetch, open and check one inode object (a hard-linked file)."""
+        key = self.inode_key(ino)
+        try:
+            plain = await self._get_meta(key, KIND_INODE)
+        except ObjectNotFound:
+            raise IntegrityError(f"inode object {key} is missing") from None
+        version, rec = frec.decode_inode(plain, f"inode object {key}")
+        if rec.ino != ino:
+            raise IntegrityError(f"inode object {key}: belongs to another inode")
+        self._check_version(key, version)
+        return rec
+
+    def seal_dir(
+        self, ino: int, self_record: frec.Record | None, entries: dict[bytes, frec.Record]
+    ) -> SealedObject:
+        """Encode and seal the next version of a directory object (synchronous)."""
+        key = self.dir_key(ino)
+        version = self._seen.get(key, 0) + 1
+        plain = frec.encode_dir(version, ino, self_record, entries)
+        return SealedObject(key, seal(self._meta, plain, context(KIND_DIR, self.volume_id, key)),
+                            version)
+
+    def seal_inode(self, rec: frec.Record) -> SealedObject:
+        """Encode and seal the next version of an inode object (synchronous)."""
+        key = self.inode_key(rec.ino)
+        version = self._seen.get(key, 0) + 1
+        plain = frec.encode_inode(version, rec)
+        return SealedObject(key, seal(self._meta, plain, context(KIND_INODE, self.volume_id, key)),
+                            version)
+
+    async def put_object(self, obj: SealedObject) -> None:
+        """Upload a sealed metadata object and record its version."""
+        await self.store.put(obj.key, obj.data)
+        if obj.version > self._seen.get(obj.key, 0):
+            self._seen[obj.key] = obj.version
+            self._state_dirty = True
+
+    async def delete_object(self, key: str) -> None:
+        await self.store.delete(key)
+
+    # ---------------------------------------------------------------- content
+
+    async def write_chunk(self, plaintext: bytes) -> frec.ChunkRef:
+        """Store a chunk (once per volume) and return its reference."""
+        cid = await trio.to_thread.run_sync(fchunks.chunk_id, self.keys.chunk_id, plaintext)
+        ref = frec.ChunkRef(cid, len(plaintext))
+        if cid in self._known_chunks:
+            return ref
+        key = fchunks.chunk_key(cid)
+        try:
+            await self.store.head(key)
+        except ObjectNotFound:
+            sealed = await trio.to_thread.run_sync(
+                fchunks.seal_chunk, self._content, self.volume_id, cid, plaintext
+            )
+            await self.store.put(key, sealed)
+        self._known_chunks.add(cid)
+        # The writer usually reads back what it wrote: keep the blocks.
+        for j in range(fchunks.block_count(len(plaintext))):
+            self._blocks[(cid, j)] = plaintext[j * fchunks.BLOCK_SIZE : (j + 1) * fchunks.BLOCK_SIZE]
+        return ref
+
+    async def read_chunk(self, ref: frec.ChunkRef, p_start: int, p_end: int) -> bytes:
+        """Plaintext ``[p_start, p_end)`` of a chunk; fetches only the missing
+        sub-blocks, with one ranged GET per run of missing blocks."""
+        p_end = min(p_end, ref.length)
+        if p_start >= p_end:
+            return b""
+        first, stop, _, _ = fchunks.block_range(p_start, p_end, ref.length)
+        blocks: dict[int, bytes] = {}
+        while True:
+            missing: list[int] = []
+            waits: list[trio.Event] = []
+            for j in range(first, stop):
+                if j in blocks:
+                    continue
+                b = self._blocks.get((ref.cid, j))
+                if b is not None:
+                    blocks[j] = b
+                elif (ev := self._inflight.get((ref.cid, j))) is not None:
+                    waits.append(ev)
+                else:
+                    missing.append(j)
+            if missing:
+                blocks.update(await self._fetch_blocks(ref, missing[0], missing[-1] + 1))
+                continue
+            if waits:
+                for ev in waits:
+                    await ev.wait()
+                continue
+            break
+        data = b"".join(blocks[j] for j in range(first, stop))
+        off = p_start - first * fchunks.BLOCK_SIZE
+        return data[off : off + (p_end - p_start)]
+
+    async def _fetch_blocks(self, ref: frec.ChunkRef, first: int, stop: int) -> dict[int, bytes]:
+        # Claim the blocks synchronously so concurrent readers wait for this fetch.
+        claimed = [(ref.cid, j) for j in range(first, stop) if (ref.cid, j) not in self._inflight]
+        events = {k: trio.Event() for k in claimed}
+        self._inflight.update(events)
+        try:
+            key = fchunks.chunk_key(ref.cid)
+            c_start = first * fchunks.SEALED_BLOCK_SIZE
+            c_end = min(stop * fchunks.SEALED_BLOCK_SIZE, fchunks.sealed_size(ref.length))
+            try:
+                sealed = await self.store.get(key, c_start, c_end)
+            except ObjectNotFound:
+                raise IntegrityError(f"chunk {key} is missing") from None
+            if len(sealed) != c_end - c_start:
+                raise IntegrityError(
+                    f"chunk {key}: truncated (got {len(sealed)} of {c_end - c_start} bytes)"
+                )
+            plain = await trio.to_thread.run_sync(
+                fchunks.open_blocks, self._content, self.volume_id, ref.cid, ref.length, first,
+                sealed,
+            )
+            got = {}
+            for j in range(first, stop):
+                off = (j - first) * fchunks.BLOCK_SIZE
+                got[j] = self._blocks[(ref.cid, j)] = plain[off : off + fchunks.BLOCK_SIZE]
+            return got
+        finally:
+            for k, ev in events.items():
+                del self._inflight[k]
+                ev.set()
+
+    async def aclose(self) -> None:
+        self.save_state()
+        await self.store.aclose()
+
