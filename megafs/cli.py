@@ -18,15 +18,15 @@ import trio
 
 from megafs import exitcodes
 from megafs.config import UsageError, parse_options, read_passphrase
-from megafs.errors import (
-    MegafsError,
-    NotAVolume,
-    StoreError,
-    UnsupportedFormat,
-    VolumeError,
-    WrongPassphrase,
+from megafs.errors import MegafsError, VolumeError
+from megafs.mount import (
+    PID_XATTR,
+    MountError,
+    check_mountpoint,
+    mounted_at,
+    run_daemon,
+    run_foreground,
 )
-from megafs.mount import PID_XATTR, MountError, check_mountpoint, mounted_at, run_daemon, run_foreground
 from megafs.stores import LocalStore, open_store
 from megafs.volume.drive import Volume
 
@@ -89,11 +89,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     passphrase = read_passphrase(passphrase_file)
     mountpoint = args.mountpoint.resolve()
     if args.foreground:
-        failure: list[str] = []
 
-        def ready(message: str | None) -> None:
-            if message is not None:
-                failure.append(message)
+        def ready(error: MegafsError | None) -> None:
+            pass  # errors are raised as well, and reported by main()
 
         run_foreground(args.store, mountpoint, passphrase, opts, ready)
         return exitcodes.OK
@@ -120,7 +118,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         announced = False
         while _alive(pid):
             if time.monotonic() > deadline:
-                raise MountError(f"the megafs process {pid} is still committing; not waiting longer")
+                raise MountError(
+                    f"the megafs process {pid} is still committing; not waiting longer"
+                )
             if not announced and sys.stderr.isatty():
                 print("megafs: committing pending changes to the store...", file=sys.stderr)
                 announced = True
@@ -136,20 +136,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _exit_code(exc: MegafsError) -> int:
-    if isinstance(exc, WrongPassphrase):
-        return exitcodes.WRONG_PASSPHRASE
-    if isinstance(exc, NotAVolume | UnsupportedFormat | VolumeError):
-        return exitcodes.NOT_A_VOLUME
-    if isinstance(exc, StoreError):
-        return exitcodes.STORE_ERROR
-    if isinstance(exc, MountError):
-        return exitcodes.MOUNTPOINT_ERROR
-    if isinstance(exc, UsageError):
-        return exitcodes.USAGE
-    return exitcodes.ERROR
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -159,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             logging.exception("failed")
         print(f"megafs: {exc}", file=sys.stderr)
-        return _exit_code(exc)
+        return exitcodes.for_error(exc)
     except KeyboardInterrupt:
         print("megafs: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED

@@ -8,11 +8,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megafs import exitcodes
 from megafs.errors import MegafsError
 
 
 class UsageError(MegafsError):
     """The command line or an option is wrong."""
+
+    exit_code = exitcodes.USAGE
 
 
 def xdg_dir(var: str, fallback: str) -> Path:
@@ -54,9 +57,27 @@ class MountOptions:
 
 
 # Options that only matter to mount(8), fstab or systemd; ignored here.
-_IGNORED = {"rw", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail",
-            "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-            "relatime", "async"}
+_IGNORED = {
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "_netdev",
+    "nofail",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "async",
+}
 
 
 def parse_options(specs: list[str]) -> MountOptions:
@@ -98,7 +119,9 @@ def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False) -> b
         try:
             data = passphrase_file.read_bytes()
         except OSError as exc:
-            raise UsageError(f"cannot read passphrase file {passphrase_file}: {exc.strerror}") from None
+            raise UsageError(
+                f"cannot read passphrase file {passphrase_file}: {exc.strerror}"
+            ) from None
         data = data.rstrip(b"\r\n")
         if not data:
             raise UsageError(f"passphrase file {passphrase_file} is empty")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -29,7 +29,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _guard(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
@@ -75,7 +75,7 @@ def _ctx(ctx: Any) -> Ctx:
     return Ctx(ctx.uid, ctx.gid, ctx.umask)
 
 
-class Operations(pyfuse3.Operations):  # type: ignore[misc]
+class Operations(pyfuse3.Operations):
     """pyfuse3 handlers over a :class:`~megafs.vfs.fs.Vfs`."""
 
     enable_writeback_cache = True
@@ -127,7 +127,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return _entry(await self.vfs.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
 
     @_guard
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         return _entry(await self.vfs.mkdir(parent_inode, name, mode, _ctx(ctx)))
 
     @_guard

@@ -25,6 +25,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from megafs import exitcodes
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
@@ -39,6 +40,8 @@ PID_XATTR = b"user.megafs.pid"
 
 class MountError(MegafsError):
     """The mountpoint cannot be used."""
+
+    exit_code = exitcodes.MOUNTPOINT_ERROR
 
 
 def mounted_at(path: Path) -> bool:
@@ -103,10 +106,10 @@ async def serve(
     mountpoint: Path,
     passphrase: bytes,
     opts: MountOptions,
-    ready: Callable[[str | None], None],
+    ready: Callable[[MegafsError | None], None],
 ) -> None:
     """Unlock, mount and serve until unmounted. ``ready(None)`` once live, or
-    ``ready(message)`` on failure before that (then the error is raised too)."""
+    ``ready(error)`` on failure before that (then the error is raised too)."""
     try:
         check_mountpoint(mountpoint)
         store = open_store(store_url)
@@ -125,11 +128,12 @@ async def serve(
         ops = _Ops(vfs)
         pyfuse3.init(ops, str(mountpoint), opts.fuse_options(store.url))
     except MegafsError as exc:
-        ready(str(exc))
+        ready(exc)
         raise
     except RuntimeError as exc:  # pyfuse3.init failing to mount
-        ready(f"cannot mount at {mountpoint}: {exc}")
-        raise MountError(str(exc)) from None
+        err = MountError(f"cannot mount at {mountpoint}: {exc}")
+        ready(err)
+        raise err from None
     log.info("mounted %s at %s", store.url, mountpoint)
     ready(None)
     try:
@@ -159,14 +163,18 @@ async def _watch_signals() -> None:
 
 
 def run_foreground(
-    store_url: str, mountpoint: Path, passphrase: bytes, opts: MountOptions,
-    ready: Callable[[str | None], None],
+    store_url: str,
+    mountpoint: Path,
+    passphrase: bytes,
+    opts: MountOptions,
+    ready: Callable[[MegafsError | None], None],
 ) -> None:
     trio.run(serve, store_url, mountpoint, passphrase, opts, ready)
 
 
-def run_daemon(store_url: str, mountpoint: Path, passphrase: bytes, opts: MountOptions,
-               log_path: Path) -> int:
+def run_daemon(
+    store_url: str, mountpoint: Path, passphrase: bytes, opts: MountOptions, log_path: Path
+) -> int:
     """Fork; the child mounts and serves, the parent returns the exit status once the
     mount is live (0) or has failed (non-zero, after printing the child's message)."""
     r, w = os.pipe()
@@ -174,14 +182,16 @@ def run_daemon(store_url: str, mountpoint: Path, passphrase: bytes, opts: MountO
     if pid:
         os.close(w)
         with os.fdopen(r, "rb") as f:
-            msg = f.read().decode("utf-8", "replace")
-        if msg == "ok":
-            return 0
-        if not msg:
+            reply = f.read().decode("utf-8", "replace")
+        if reply == "ok":
+            return exitcodes.OK
+        status_text, _, msg = reply.partition(" ")
+        if not status_text.isdigit():
             _, status = os.waitpid(pid, 0)
+            status_text = str(exitcodes.ERROR)
             msg = f"the mount process ended unexpectedly (status {status}); see {log_path}"
         print(f"megafs: {msg}", file=sys.stderr)
-        return 1
+        return int(status_text)
     # Child.
     os.close(r)
     os.setsid()
@@ -196,12 +206,13 @@ def run_daemon(store_url: str, mountpoint: Path, passphrase: bytes, opts: MountO
     os.chdir("/")
     reported = False
 
-    def ready(message: str | None) -> None:
+    def ready(error: MegafsError | None) -> None:
         nonlocal reported
         if reported:
             return
         reported = True
-        os.write(w, b"ok" if message is None else message.encode())
+        reply = "ok" if error is None else f"{exitcodes.for_error(error)} {error}"
+        os.write(w, reply.encode())
         os.close(w)
 
     code = 0
@@ -215,5 +226,5 @@ def run_daemon(store_url: str, mountpoint: Path, passphrase: bytes, opts: MountO
         code = 1
     finally:
         if not reported:
-            ready("the mount process failed before the mount was live")
+            ready(MegafsError("the mount process failed before the mount was live"))
     os._exit(code)

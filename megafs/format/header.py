@@ -32,7 +32,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from megafs.errors import CorruptHeader, IntegrityError, NotAVolume, UnsupportedFormat, WrongPassphrase
+from megafs.errors import (
+    CorruptHeader,
+    IntegrityError,
+    NotAVolume,
+    UnsupportedFormat,
+    WrongPassphrase,
+)
 from megafs.format.seal import KIND_HEADER, context, open_sealed, seal
 
 FORMAT_VERSION: Final = 1
@@ -99,7 +105,9 @@ def _checksum(body: dict[str, Any]) -> str:
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return (json.dumps({**body, "check": _checksum(body)}, indent=1, sort_keys=True) + "\n").encode()
+    return (
+        json.dumps({**body, "check": _checksum(body)}, indent=1, sort_keys=True) + "\n"
+    ).encode()
 
 
 def new_header(
@@ -121,7 +129,10 @@ def _build(
     passphrase: bytes, master_key: bytes, volume_id: bytes, kdf_params: dict[str, int] | None
 ) -> bytes:
     params = dict(DEFAULT_KDF if kdf_params is None else kdf_params)
-    kdf: dict[str, Any] = {"name": "argon2id", "salt": base64.b64encode(secrets.token_bytes(16)).decode()}
+    kdf: dict[str, Any] = {
+        "name": "argon2id",
+        "salt": base64.b64encode(secrets.token_bytes(16)).decode(),
+    }
     kdf.update(params)
     wrapping_key = _kdf(passphrase, kdf)
     wrapped = seal(wrapping_key, master_key, _wrap_ad(volume_id, kdf))
@@ -140,9 +151,8 @@ def parse_header(header: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        if b"megafs" in header[:64]:
-            raise CorruptHeader("volume header is damaged (not valid JSON)") from None
-        raise NotAVolume("not a megafs volume (the header object is not a megafs header)") from None
+        # Something sits under the header's key but does not parse: damage.
+        raise CorruptHeader("volume header is damaged (not valid JSON)") from None
     if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
         raise NotAVolume("not a megafs volume (the header object is not a megafs header)")
     check = doc.pop("check", None)

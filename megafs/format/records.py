@@ -100,8 +100,15 @@ def _encode_record(out: list[bytes], rec: Record) -> None:
     out.append(struct.pack(">BQ", flags, rec.ino))
     out.append(
         _ATTRS.pack(
-            rec.mode, rec.uid, rec.gid, rec.nlink, rec.rdev, rec.size,
-            rec.atime_ns, rec.mtime_ns, rec.ctime_ns,
+            rec.mode,
+            rec.uid,
+            rec.gid,
+            rec.nlink,
+            rec.rdev,
+            rec.size,
+            rec.atime_ns,
+            rec.mtime_ns,
+            rec.ctime_ns,
         )
     )
     out.append(struct.pack(">H", len(rec.target)))
@@ -136,7 +143,7 @@ class _Reader:
 
     def unpack(self, st: struct.Struct | str) -> tuple[int, ...]:
         s = st if isinstance(st, struct.Struct) else struct.Struct(st)
-        return s.unpack(self.take(s.size))  # type: ignore[no-any-return]
+        return s.unpack(self.take(s.size))
 
 
 def _decode_record(r: _Reader) -> Record:
@@ -160,12 +167,23 @@ def _decode_record(r: _Reader) -> Record:
     (nc,) = r.unpack(">I")
     chunks = {}
     for _ in range(nc):
-        index, cid, length = r.unpack(_CHUNK)  # type: ignore[assignment]
+        index, cid, length = r.unpack(_CHUNK)
         chunks[index] = ChunkRef(cid, length)  # type: ignore[arg-type]
     return Record(
-        ino=ino, mode=mode, uid=uid, gid=gid, nlink=nlink, rdev=rdev, size=size,
-        atime_ns=at, mtime_ns=mt, ctime_ns=ct, target=target, xattrs=xattrs,
-        inline=inline, chunks=chunks,
+        ino=ino,
+        mode=mode,
+        uid=uid,
+        gid=gid,
+        nlink=nlink,
+        rdev=rdev,
+        size=size,
+        atime_ns=at,
+        mtime_ns=mt,
+        ctime_ns=ct,
+        target=target,
+        xattrs=xattrs,
+        inline=inline,
+        chunks=chunks,
     )
 
 

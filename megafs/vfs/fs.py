@@ -29,11 +29,11 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Any, Final
 
 import trio
 
-from megafs.errors import FsError, MegafsError
+from megafs.errors import FsError, IntegrityError, MegafsError
 from megafs.format.records import NAME_MAX, Record
 from megafs.vfs import content
 from megafs.vfs.node import Attr, Node
@@ -156,9 +156,12 @@ class Vfs:
 
     def _node(self, ino: int) -> Node:
         try:
-            return self.nodes[ino]
+            node = self.nodes[ino]
         except KeyError:
             raise FsError(errno.ENOENT, f"inode {ino} unknown") from None
+        if node.broken is not None:
+            raise IntegrityError(node.broken)
+        return node
 
     def _writable(self) -> None:
         if self.read_only:
@@ -196,9 +199,16 @@ class Vfs:
     async def _fill_dir(self, node: Node, entries: dict[bytes, Record]) -> None:
         need = [r.ino for r in entries.values() if r.ref and r.ino not in self.nodes]
         linked: dict[int, Record] = {}
+        failed: dict[int, str] = {}
         if need:
+
             async def fetch(i: int) -> None:
-                linked[i] = await self.volume.load_inode(i)
+                try:
+                    linked[i] = await self.volume.load_inode(i)
+                except MegafsError as exc:
+                    # Only this file is lost to the error, not its whole directory.
+                    log.error("%s", exc)
+                    failed[i] = str(exc)
 
             async with trio.open_nursery() as n:
                 for i in set(need):
@@ -208,7 +218,13 @@ class Vfs:
         for name, rec in entries.items():
             child = self.nodes.get(rec.ino)
             if child is None:
-                if rec.ref:
+                if rec.ino in failed:
+                    child = Node(
+                        record=Record(ino=rec.ino, mode=stat.S_IFREG),
+                        hardlinked=True,
+                        broken=failed[rec.ino],
+                    )
+                elif rec.ref:
                     child = Node(record=linked[rec.ino], hardlinked=True)
                 else:
                     child = Node(record=rec, parent=node.ino)
@@ -222,15 +238,24 @@ class Vfs:
             if ino > ROOT_INO and ino not in self.nodes:
                 return ino
 
-    def _new_node(self, parent: Node, mode: int, ctx: Ctx, **kw: object) -> Node:
+    def _new_node(self, parent: Node, mode: int, ctx: Ctx, **kw: Any) -> Node:
         t = _now()
         gid = ctx.gid
         if parent.record.mode & stat.S_ISGID:
             gid = parent.record.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        rec = Record(ino=self._new_ino(), mode=mode, uid=ctx.uid, gid=gid, nlink=1,
-                     atime_ns=t, mtime_ns=t, ctime_ns=t, **kw)  # type: ignore[arg-type]
+        rec = Record(
+            ino=self._new_ino(),
+            mode=mode,
+            uid=ctx.uid,
+            gid=gid,
+            nlink=1,
+            atime_ns=t,
+            mtime_ns=t,
+            ctime_ns=t,
+            **kw,
+        )
         node = Node(record=rec, parent=parent.ino, stored_size=rec.size)
         self.nodes[rec.ino] = node
         return node
@@ -247,7 +272,12 @@ class Vfs:
         return None if ino is None else self.nodes[ino]
 
     def _maybe_drop(self, node: Node) -> None:
-        if node.record.nlink == 0 and node.lookups <= 0 and node.opens <= 0 and node.ino != ROOT_INO:
+        if (
+            node.record.nlink == 0
+            and node.lookups <= 0
+            and node.opens <= 0
+            and node.ino != ROOT_INO
+        ):
             self.nodes.pop(node.ino, None)
             self._dirty_content.discard(node.ino)
             self._dirty_inodes.discard(node.ino)
@@ -294,6 +324,8 @@ class Vfs:
             found = self._lookup_entry(d, name)
             if found is None:
                 raise FsError(errno.ENOENT)
+            if found.broken is not None:
+                raise IntegrityError(found.broken)
             node = found
         node.lookups += 1
         return node.attr()
@@ -379,8 +411,9 @@ class Vfs:
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise FsError(errno.EINVAL)
-        node = self._new_node(d, mode & ~ctx.umask, ctx, rdev=rdev,
-                              inline=b"" if kind == stat.S_IFREG else None)
+        node = self._new_node(
+            d, mode & ~ctx.umask, ctx, rdev=rdev, inline=b"" if kind == stat.S_IFREG else None
+        )
         return self._link_new(d, name, node)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:

@@ -61,6 +61,8 @@ class Node:
     content_lock: trio.Lock = field(default_factory=trio.Lock)
     lookups: int = 0
     opens: int = 0
+    # Why this inode cannot be used (its inode object failed to load), if it can't.
+    broken: str | None = None
 
     @property
     def ino(self) -> int:
@@ -83,8 +85,16 @@ class Node:
             stored += sum(len(b) for b in self.dirty.values())
             blocks = -(-min(stored, r.size) // 512)
         return Attr(
-            ino=r.ino, mode=r.mode, nlink=r.nlink, uid=r.uid, gid=r.gid, rdev=r.rdev,
-            size=r.size, blocks=blocks, atime_ns=r.atime_ns, mtime_ns=r.mtime_ns,
+            ino=r.ino,
+            mode=r.mode,
+            nlink=r.nlink,
+            uid=r.uid,
+            gid=r.gid,
+            rdev=r.rdev,
+            size=r.size,
+            blocks=blocks,
+            atime_ns=r.atime_ns,
+            mtime_ns=r.mtime_ns,
             ctime_ns=r.ctime_ns,
         )
 

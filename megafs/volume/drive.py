@@ -25,7 +25,13 @@ import trio
 from cachetools import LRUCache
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from megafs.errors import IntegrityError, NotAVolume, ObjectNotFound, PreconditionFailed, VolumeError
+from megafs.errors import (
+    IntegrityError,
+    NotAVolume,
+    ObjectNotFound,
+    PreconditionFailed,
+    VolumeError,
+)
 from megafs.format import chunks as fchunks
 from megafs.format import header as fheader
 from megafs.format import records as frec
@@ -136,9 +142,7 @@ class Volume:
             blob = await store.get(fheader.HEADER_KEY)
         except ObjectNotFound:
             raise NotAVolume(f"{store.url} is not a megafs volume (no header)") from None
-        master, vid = await trio.to_thread.run_sync(
-            lambda: fheader.unlock_header(blob, passphrase)
-        )
+        master, vid = await trio.to_thread.run_sync(lambda: fheader.unlock_header(blob, passphrase))
         keys = fheader.derive_keys(master, vid)
         state_dir = state_root / vid.hex() if state_root is not None else None
         return cls(store, keys, state_dir=state_dir, read_only=read_only)
@@ -234,16 +238,18 @@ class Volume:
         key = self.dir_key(ino)
         version = self._seen.get(key, 0) + 1
         plain = frec.encode_dir(version, ino, self_record, entries)
-        return SealedObject(key, seal(self._meta, plain, context(KIND_DIR, self.volume_id, key)),
-                            version)
+        return SealedObject(
+            key, seal(self._meta, plain, context(KIND_DIR, self.volume_id, key)), version
+        )
 
     def seal_inode(self, rec: frec.Record) -> SealedObject:
         """Encode and seal the next version of an inode object (synchronous)."""
         key = self.inode_key(rec.ino)
         version = self._seen.get(key, 0) + 1
         plain = frec.encode_inode(version, rec)
-        return SealedObject(key, seal(self._meta, plain, context(KIND_INODE, self.volume_id, key)),
-                            version)
+        return SealedObject(
+            key, seal(self._meta, plain, context(KIND_INODE, self.volume_id, key)), version
+        )
 
     async def put_object(self, obj: SealedObject) -> None:
         """Upload a sealed metadata object and record its version."""
@@ -274,7 +280,9 @@ class Volume:
         self._known_chunks.add(cid)
         # The writer usually reads back what it wrote: keep the blocks.
         for j in range(fchunks.block_count(len(plaintext))):
-            self._blocks[(cid, j)] = plaintext[j * fchunks.BLOCK_SIZE : (j + 1) * fchunks.BLOCK_SIZE]
+            self._blocks[(cid, j)] = plaintext[
+                j * fchunks.BLOCK_SIZE : (j + 1) * fchunks.BLOCK_SIZE
+            ]
         return ref
 
     async def read_chunk(self, ref: frec.ChunkRef, p_start: int, p_end: int) -> bytes:
@@ -319,16 +327,26 @@ class Volume:
             key = fchunks.chunk_key(ref.cid)
             c_start = first * fchunks.SEALED_BLOCK_SIZE
             c_end = min(stop * fchunks.SEALED_BLOCK_SIZE, fchunks.sealed_size(ref.length))
+            # Reading the last block asks for one byte more: an object that was
+            # extended past its recorded length is noticed, not silently cut.
+            total = fchunks.sealed_size(ref.length)
             try:
-                sealed = await self.store.get(key, c_start, c_end)
+                sealed = await self.store.get(key, c_start, c_end + (c_end == total))
             except ObjectNotFound:
                 raise IntegrityError(f"chunk {key} is missing") from None
+            if len(sealed) > c_end - c_start:
+                raise IntegrityError(f"chunk {key}: longer than its recorded length")
             if len(sealed) != c_end - c_start:
                 raise IntegrityError(
                     f"chunk {key}: truncated (got {len(sealed)} of {c_end - c_start} bytes)"
                 )
             plain = await trio.to_thread.run_sync(
-                fchunks.open_blocks, self._content, self.volume_id, ref.cid, ref.length, first,
+                fchunks.open_blocks,
+                self._content,
+                self.volume_id,
+                ref.cid,
+                ref.length,
+                first,
                 sealed,
             )
             got = {}
@@ -344,4 +362,3 @@ class Volume:
     async def aclose(self) -> None:
         self.save_state()
         await self.store.aclose()
-

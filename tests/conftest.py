@@ -1,0 +1,127 @@
+"""Shared fixtures: volumes on local stores, and real FUSE mounts in a subprocess."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from megafs.mount import mounted_at
+from megafs.stores import LocalStore
+from megafs.volume.drive import Volume
+
+faulthandler.enable()
+
+PASSPHRASE = "correct horse battery staple"
+# Tests may make many volumes: a lighter (still memory-hard) KDF keeps them quick.
+TEST_KDF = {"memory_kib": 8192, "iterations": 1, "lanes": 1}
+MEGAFS = [sys.executable, "-m", "megafs.cli"]
+
+fuse_available = os.path.exists("/dev/fuse") and os.access("/dev/fuse", os.R_OK | os.W_OK)
+needs_fuse = pytest.mark.skipif(not fuse_available, reason="/dev/fuse is not usable here")
+
+
+def make_volume(store_dir: Path, passphrase: str = PASSPHRASE) -> Path:
+    """Create a volume in ``store_dir`` (a local store) and return the path."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    trio.run(lambda: Volume.create(LocalStore(store_dir), passphrase.encode(), kdf_params=TEST_KDF))
+    return store_dir
+
+
+@dataclass
+class Mount:
+    """A megafs daemon serving ``store`` at ``path``."""
+
+    store: Path
+    path: Path
+    cache: Path
+    log: Path
+    options: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        opts = ["-o", ",".join([f"cache_dir={self.cache}", *self.options])]
+        env = {**os.environ, "MEGAFS_PASSPHRASE": PASSPHRASE}
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [*MEGAFS, "mount", str(self.store), str(self.path), "--foreground", *opts],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while not mounted_at(self.path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"megafs mount exited early:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mount did not come up:\n{self.log.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Unmount the way a user does (``megafs umount``), with fallbacks."""
+        if self.proc is None:
+            return
+        try:
+            if mounted_at(self.path):
+                subprocess.run([*MEGAFS, "umount", str(self.path)], check=False, timeout=120)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            if mounted_at(self.path):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def assert_clean_log(self) -> None:
+        text = self.log_text()
+        bad = [ln for ln in text.splitlines() if " ERROR " in ln or "Traceback" in ln]
+        assert not bad, "unexpected errors in the megafs log:\n" + text
+
+
+def new_mount(tmp_path: Path, name: str = "m", options: list[str] | None = None) -> Mount:
+    store = make_volume(tmp_path / f"{name}-store")
+    return Mount(
+        store,
+        tmp_path / f"{name}-mnt",
+        tmp_path / f"{name}-cache",
+        tmp_path / f"{name}.log",
+        options or [],
+    )
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Mount]:
+    """A fresh volume mounted through FUSE; the daemon log must stay clean."""
+    if not fuse_available:
+        pytest.skip("/dev/fuse is not usable here")
+    m = new_mount(tmp_path)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+    m.assert_clean_log()
