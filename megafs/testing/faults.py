@@ -41,6 +41,7 @@ class FaultyStore:
         self.truncate_gets: set[str] = set()
         self.calls: collections.Counter[str] = collections.Counter()
         self.gets: list[tuple[str, int, int | None]] = []
+        self.puts: list[str] = []
         self._faults: dict[str, collections.deque[Exception]] = {
             op: collections.deque() for op in OPERATIONS
         }
@@ -97,6 +98,7 @@ class FaultyStore:
         if_none_match: bool = False,
         if_match: str | None = None,
     ) -> str:
+        self.puts.append(key)
         await self._enter("put")
         return await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
 

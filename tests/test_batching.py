@@ -1,0 +1,69 @@
+"""Metadata writes are batched: many changes to one directory cost one write of its
+object per commit, not one per change (in-process, counting store requests)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import trio
+from conftest import PASSPHRASE, TEST_KDF
+
+from megafs.stores import MemoryStore
+from megafs.testing import FaultyStore
+from megafs.vfs.fs import Ctx, Vfs
+from megafs.volume.drive import Volume
+
+CTX = Ctx(0, 0, 0o022)
+
+
+async def _create_many(vfs: Vfs, parent: int, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        fh, _ = await vfs.create(parent, b"f%05d" % i, 0o644, os.O_WRONLY, CTX)
+        await vfs.write(fh, 0, b"x" * 4096)
+        await vfs.release(fh)
+    return time.perf_counter() - t0
+
+
+def test_5000_creates_write_the_directory_object_a_few_times() -> None:
+    async def main() -> None:
+        inner = MemoryStore()
+        await Volume.create(inner, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        store = FaultyStore(inner)
+        vol = await Volume.open(store, PASSPHRASE.encode())
+        vfs = Vfs(vol, commit_interval=0.2)
+        await vfs.start()
+        d = (await vfs.mkdir(1, b"many", 0o755, CTX)).ino
+        key = vol.dir_key(d)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vfs.run_committer)
+            await _create_many(vfs, d, 5000)
+            nursery.cancel_scope.cancel()
+        await vfs.close()
+        puts = [k for k in store.puts if k == key]
+        # One write per commit interval at most, never one per file.
+        assert 1 <= len(puts) < 100, len(puts)
+        assert store.calls["put"] < 200  # small files are inline: no chunk objects
+
+    trio.run(main)
+
+
+def test_create_cost_grows_linearly() -> None:
+    async def timed(n: int) -> float:
+        inner = MemoryStore()
+        await Volume.create(inner, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        vfs = Vfs(await Volume.open(inner, PASSPHRASE.encode()))
+        await vfs.start()
+        d = (await vfs.mkdir(1, b"d", 0o755, CTX)).ino
+        t = await _create_many(vfs, d, n)
+        await vfs.close()
+        return t
+
+    async def main() -> None:
+        small = min([await timed(1000) for _ in range(2)])
+        large = min([await timed(8000) for _ in range(2)])
+        # 8x the files: linear is ~8x; quadratic would be ~64x. Allow noise.
+        assert large < small * 20, (small, large)
+
+    trio.run(main)
