@@ -1,0 +1,353 @@
+"""The write-back store: a durable local staging area in front of a (slow) store.
+
+``StagingStore`` implements :class:`~megafs.stores.base.ObjectStore` over a remote
+store. A ``put`` or ``delete`` is written to the staging directory and returns at
+once; a background task (:meth:`StagingStore.run_uploader`) replays them on the
+remote store. Readers see the staged state immediately (read-your-writes).
+
+What it stores is what the volume drive hands it — objects that are already sealed
+— so nothing plaintext is ever at rest here.
+
+Order. Every staged operation gets a sequence number. Operations on keys for which
+``is_barrier(key)`` is false (content chunks: immutable, content-addressed) are
+uploaded concurrently and in any order. A barrier operation (metadata objects and
+deletions) is uploaded only after every operation staged before it is on the remote
+store. So the remote store never holds metadata that references a chunk it lacks.
+
+Durability. Staged files are written to a temporary name and renamed, so a killed
+process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
+(the caller's fsync/commit point). After a power loss, files staged after the last
+``sync`` may be damaged: each file carries a checksum, and recovery keeps the
+longest undamaged prefix of the sequence (what was synced is always in it).
+
+On-disk layout: ``DIR/NNNNNNNNNNNNNNNN.op`` where the 16 hex digits are the sequence
+number; the file is ``b"MFS1" || op (b"P" or b"D") || u16 key length || key ||
+u64 data length || data || sha256(everything before)``.
+
+Concurrency: ``_entries`` (key -> newest staged entry) and ``_order`` are changed
+only in synchronous sections. The uploader task owns uploads; ``put``/``delete``
+never wait for the network, only for back-pressure (``max_pending_bytes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, final
+
+import trio
+
+from megafs.errors import ObjectNotFound, StoreError
+from megafs.stores.base import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+_MAGIC: Final = b"MFS1"
+_HEAD = struct.Struct(">4scH")
+
+
+@dataclass(eq=False)
+class _Entry:
+    seq: int
+    key: str
+    delete: bool
+    size: int
+    path: Path
+    synced: bool = False
+    done: bool = False
+
+
+def _encode(op: bytes, key: str, data: bytes) -> bytes:
+    k = key.encode()
+    body = _HEAD.pack(_MAGIC, op, len(k)) + k + struct.pack(">Q", len(data)) + data
+    return body + hashlib.sha256(body).digest()
+
+
+def _decode(blob: bytes) -> tuple[bool, str, bytes] | None:
+    """(is_delete, key, data), or None if the file is damaged."""
+    if len(blob) < _HEAD.size + 8 + 32:
+        return None
+    body, digest = blob[:-32], blob[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        return None
+    magic, op, klen = _HEAD.unpack_from(body)
+    if magic != _MAGIC or op not in (b"P", b"D"):
+        return None
+    key = body[_HEAD.size : _HEAD.size + klen].decode()
+    (dlen,) = struct.unpack_from(">Q", body, _HEAD.size + klen)
+    data = body[_HEAD.size + klen + 8 :]
+    if len(data) != dlen:
+        return None
+    return op == b"D", key, data
+
+
+def _payload(blob: bytes) -> bytes:
+    decoded = _decode(blob)
+    if decoded is None:
+        raise StoreError("staged object damaged on local disk")
+    return decoded[2]
+
+
+@final
+class StagingStore:
+    """Write-back staging in front of ``remote``. See the module docstring."""
+
+    def __init__(
+        self,
+        remote: ObjectStore,
+        directory: Path,
+        *,
+        is_barrier: Callable[[str], bool],
+        max_pending_bytes: int = 1 << 30,
+        concurrency: int = 8,
+    ) -> None:
+        self.remote = remote
+        self.directory = directory
+        self._is_barrier = is_barrier
+        self.max_pending_bytes = max_pending_bytes
+        self.concurrency = concurrency
+        self._entries: dict[str, _Entry] = {}
+        self._order: dict[int, _Entry] = {}  # seq -> entry, not yet uploaded (insertion order)
+        self._next_seq = 1
+        self.pending_bytes = 0
+        self._changed = trio.Event()
+        # key -> (staged ETag, the remote ETag it became), for conditional puts.
+        self._etags: dict[str, tuple[str, str]] = {}
+        self.last_error: str | None = None
+        self.last_error_time: float | None = None
+        self.uploaded_bytes = 0
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._recover()
+
+    # ---------------------------------------------------------------- recovery
+
+    def _recover(self) -> None:
+        files = sorted(p for p in self.directory.iterdir() if p.suffix == ".op")
+        for p in self.directory.iterdir():
+            if p.name.startswith(".tmp-"):
+                p.unlink(missing_ok=True)
+        damaged_from: int | None = None
+        for p in files:
+            try:
+                seq = int(p.stem, 16)
+            except ValueError:
+                continue
+            decoded = None if damaged_from is not None else _decode(p.read_bytes())
+            if decoded is None:
+                if damaged_from is None:
+                    damaged_from = seq
+                    log.warning("staging: damaged entry %s; dropping it and all later ones", p)
+                p.unlink(missing_ok=True)
+                continue
+            is_delete, key, data = decoded
+            self._add(_Entry(seq, key, is_delete, len(data), p, synced=True))
+            self._next_seq = seq + 1
+        if self._order:
+            log.info("staging: resuming %d pending operations (%d bytes)", len(self._order),
+                     self.pending_bytes)
+
+    def _add(self, entry: _Entry) -> None:
+        old = self._entries.get(entry.key)
+        if old is not None and not old.done and not self._is_barrier(entry.key):
+            # Content objects are immutable: a second put of the same key changes
+            # nothing; keep the first entry.
+            entry.path.unlink(missing_ok=True)
+            return
+        self._entries[entry.key] = entry
+        self._order[entry.seq] = entry
+        self.pending_bytes += entry.size
+        self._changed.set()
+
+    # ---------------------------------------------------------------- the store API
+
+    @property
+    def url(self) -> str:
+        return self.remote.url
+
+    async def _stage(self, op: bytes, key: str, data: bytes) -> _Entry:
+        while self.pending_bytes > self.max_pending_bytes and self._order:
+            await self._wait_change()
+        seq = self._next_seq
+        self._next_seq += 1
+        path = self.directory / f"{seq:016x}.op"
+        blob = _encode(op, key, data)
+
+        def write() -> None:
+            tmp = self.directory / f".tmp-{seq:016x}"
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+
+        try:
+            await trio.to_thread.run_sync(write)
+        except OSError as exc:
+            raise StoreError(f"staging {key}: {exc.strerror or exc}") from exc
+        entry = _Entry(seq, key, op == b"D", len(data), path)
+        self._add(entry)
+        return entry
+
+    async def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        if if_none_match or if_match is not None:
+            # Conditional writes are decisions the remote store must make.
+            await self.wait_idle()
+            staged, remote_etag = self._etags.get(key, ("", ""))
+            if if_match is not None and if_match == staged:
+                if_match = remote_etag
+            return await self.remote.put(key, data, if_none_match=if_none_match,
+                                         if_match=if_match)
+        entry = await self._stage(b"P", key, data)
+        return f"staged-{entry.seq}"
+
+    async def delete(self, key: str) -> None:
+        await self._stage(b"D", key, b"")
+
+    def _staged(self, key: str) -> _Entry | None:
+        e = self._entries.get(key)
+        return e if e is not None and not e.done else None
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        e = self._staged(key)
+        if e is None:
+            return await self.remote.get(key, start, end)
+        if e.delete:
+            raise ObjectNotFound(key)
+        try:
+            data = _payload(await trio.to_thread.run_sync(e.path.read_bytes))
+        except FileNotFoundError:
+            # Uploaded and removed meanwhile: the remote store has it now.
+            return await self.remote.get(key, start, end)
+        return data[start:end]
+
+    def _stable(self, info: ObjectInfo) -> ObjectInfo:
+        """The ETag a caller was given for an object that has been uploaded since."""
+        staged, remote_etag = self._etags.get(info.key, ("", ""))
+        return ObjectInfo(info.key, info.size, staged) if info.etag == remote_etag else info
+
+    async def head(self, key: str) -> ObjectInfo:
+        e = self._staged(key)
+        if e is None:
+            return self._stable(await self.remote.head(key))
+        if e.delete:
+            raise ObjectNotFound(key)
+        return ObjectInfo(key, e.size, f"staged-{e.seq}")
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        remote = {i.key: self._stable(i) for i in await self.remote.list(prefix)}
+        for key, e in list(self._entries.items()):
+            if e.done or not key.startswith(prefix):
+                continue
+            if e.delete:
+                remote.pop(key, None)
+            else:
+                remote[key] = ObjectInfo(key, e.size, f"staged-{e.seq}")
+        return [remote[k] for k in sorted(remote)]
+
+    async def aclose(self) -> None:
+        await self.remote.aclose()
+
+    # ---------------------------------------------------------------- durability
+
+    async def sync(self) -> None:
+        """Make everything staged so far durable on local disk."""
+        todo = [e for e in self._order.values() if not e.synced]
+        if not todo:
+            return
+
+        def fsync_all() -> None:
+            for e in todo:
+                try:
+                    fd = os.open(e.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # already uploaded and removed
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+        await trio.to_thread.run_sync(fsync_all)
+        for e in todo:
+            e.synced = True
+
+    async def _wait_change(self) -> None:
+        self._changed = trio.Event() if self._changed.is_set() else self._changed
+        await self._changed.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until every staged operation is on the remote store."""
+        while self._order:
+            await self._wait_change()
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._order)
+
+    # ---------------------------------------------------------------- uploads
+
+    async def run_uploader(self) -> None:
+        """Upload staged operations until cancelled (see the module docstring for
+        the order). Failed uploads are retried with backoff, forever: nothing
+        staged is ever dropped."""
+        in_flight: set[int] = set()
+        limit = trio.Semaphore(self.concurrency)
+        async with trio.open_nursery() as nursery:
+            while True:
+                started = False
+                for seq, e in list(self._order.items()):
+                    if seq in in_flight:
+                        continue
+                    barrier = self._is_barrier(e.key) or e.delete
+                    if barrier and next(iter(self._order)) != seq:
+                        break  # a barrier waits for everything staged before it
+                    if limit.value == 0:
+                        break
+                    await limit.acquire()
+                    in_flight.add(seq)
+                    nursery.start_soon(self._upload, e, limit, in_flight)
+                    started = True
+                    if barrier:
+                        break
+                if not started:
+                    await self._wait_change()
+
+    async def _upload(self, e: _Entry, limit: trio.Semaphore, in_flight: set[int]) -> None:
+        delay = 0.2
+        try:
+            while True:
+                try:
+                    if e.delete:
+                        await self.remote.delete(e.key)
+                    else:
+                        blob = await trio.to_thread.run_sync(e.path.read_bytes)
+                        etag = await self.remote.put(e.key, _payload(blob))
+                        self._etags[e.key] = (f"staged-{e.seq}", etag)
+                    break
+                except StoreError as exc:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error_time = trio.current_time()
+                    log.warning("upload of %s failed (retrying in %.1f s): %s", e.key, delay, exc)
+                    await trio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 30.0)
+            self.uploaded_bytes += e.size
+            e.done = True
+            del self._order[e.seq]
+            self.pending_bytes -= e.size
+            if self._entries.get(e.key) is e:
+                del self._entries[e.key]
+            await trio.to_thread.run_sync(lambda: e.path.unlink(missing_ok=True))
+        finally:
+            in_flight.discard(e.seq)
+            limit.release()
+            self._changed.set()

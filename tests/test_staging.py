@@ -1,0 +1,143 @@
+"""The write-back staging store: contract, order, recovery, back-pressure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from megafs.errors import ObjectNotFound, StoreUnavailable
+from megafs.stores import MemoryStore
+from megafs.stores.staging import StagingStore
+from megafs.testing import FaultyStore, check_store
+
+
+def _barrier(key: str) -> bool:
+    return not key.startswith("c/")
+
+
+def test_contract_with_uploader_running(tmp_path: Path) -> None:
+    counter = iter(range(10_000))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def make() -> StagingStore:
+                s = StagingStore(MemoryStore(), tmp_path / str(next(counter)), is_barrier=_barrier)
+                nursery.start_soon(s.run_uploader)
+                return s
+
+            await check_store(make)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_contract_while_uploads_lag(tmp_path: Path) -> None:
+    """Read-your-writes holds while the remote store is slow to receive uploads."""
+    counter = iter(range(10_000))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def make() -> StagingStore:
+                remote = FaultyStore(MemoryStore())
+                remote.delay = 0.01
+                s = StagingStore(remote, tmp_path / str(next(counter)), is_barrier=_barrier)
+                nursery.start_soon(s.run_uploader)
+                return s
+
+            await check_store(make)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_barrier_waits_for_earlier_chunks(tmp_path: Path) -> None:
+    async def main() -> None:
+        remote = FaultyStore(MemoryStore())
+        remote.delay = 0.05
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, concurrency=4)
+        for i in range(6):
+            await s.put(f"c/{i:02d}", b"chunk %d" % i)
+        await s.put("d/dir", b"meta v1")
+        await s.put("c/99", b"late chunk")
+        await s.put("d/dir", b"meta v2")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            await s.wait_idle()
+            nursery.cancel_scope.cancel()
+        order = remote.puts
+        assert order.index("d/dir") > max(order.index(f"c/{i:02d}") for i in range(6))
+        assert len([k for k in order if k == "d/dir"]) == 2
+        assert order.index("c/99") < len(order) - 1  # before the second barrier
+        assert await remote.inner.get("d/dir") == b"meta v2"
+        assert not list(tmp_path.glob("*.op"))
+
+    trio.run(main)
+
+
+def test_recovery_resumes_and_drops_damaged_tail(tmp_path: Path) -> None:
+    async def main() -> None:
+        remote = MemoryStore()
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        await s.put("c/a", b"A")
+        await s.put("d/x", b"X1")
+        await s.sync()
+        await s.put("c/b", b"B")
+        await s.put("d/x", b"X2")
+        await s.delete("c/zzz")
+        files = sorted(tmp_path.glob("*.op"))
+        assert len(files) == 5
+        # "Power loss": the unsynced entry c/b is damaged; it and all later go.
+        files[2].write_bytes(files[2].read_bytes()[:-3])
+        s2 = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        assert s2.pending_count == 2
+        assert await s2.get("d/x") == b"X1"
+        with pytest.raises(ObjectNotFound):
+            await s2.get("c/b")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s2.run_uploader)
+            await s2.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert await remote.get("c/a") == b"A" and await remote.get("d/x") == b"X1"
+
+    trio.run(main)
+
+
+def test_failed_uploads_are_retried_and_nothing_lost(tmp_path: Path) -> None:
+    async def main() -> None:
+        remote = FaultyStore(MemoryStore())
+        remote.fail_next("put", StoreUnavailable("503 slow down"), count=3)
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        await s.put("c/a", b"A")
+        await s.put("d/x", b"X")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            with trio.fail_after(20):
+                await s.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert await remote.inner.get("d/x") == b"X"
+        assert s.last_error is not None and "503" in s.last_error
+
+    trio.run(main)
+
+
+def test_back_pressure(tmp_path: Path) -> None:
+    async def main() -> None:
+        remote = FaultyStore(MemoryStore())
+        remote.delay = 0.05
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, max_pending_bytes=100_000)
+        peak = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            for i in range(40):
+                await s.put(f"c/{i:03d}", b"x" * 20_000)
+                peak = max(peak, s.pending_bytes)
+            await s.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert peak <= 100_000 + 20_000
+        assert remote.calls["put"] == 40
+
+    trio.run(main)
