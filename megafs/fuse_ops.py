@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -69,6 +70,13 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     e.st_mtime_ns = a.mtime_ns
     e.st_ctime_ns = a.ctime_ns
     return e
+
+
+def _flags(flags: int) -> int:
+    """Open flags as the vfs should see them. With the writeback cache the kernel
+    computes O_APPEND offsets itself and may write cached pages back through any
+    open handle, so the vfs must not move those writes to the end of the file."""
+    return flags & ~os.O_APPEND if Operations.enable_writeback_cache else flags
 
 
 def _ctx(ctx: Any) -> Ctx:
@@ -168,12 +176,12 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attr = await self.vfs.create(parent_inode, name, mode, flags, _ctx(ctx))
+        fh, attr = await self.vfs.create(parent_inode, name, mode, _flags(flags), _ctx(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), _entry(attr)
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        fh = await self.vfs.open(inode, flags)
+        fh = await self.vfs.open(inode, _flags(flags), _ctx(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_guard

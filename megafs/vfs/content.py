@@ -12,6 +12,8 @@ Invariants (with the lock released):
 * ``record.inline`` is not None only when ``dirty`` and ``record.chunks`` are empty;
   then it holds exactly the file's bytes.
 * ``stored_size == record.size`` whenever ``dirty`` is empty.
+* ``stored_inline`` is not None only while a file that was inline has unstored
+  buffers; it holds the inline bytes last stored (commits keep those meanwhile).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ async def read(vol: Volume, node: Node, off: int, size: int) -> bytes:
 def _uninline(node: Node) -> None:
     r = node.record
     if r.inline is not None:
+        node.stored_inline = r.inline
         if r.inline:
             node.dirty[0] = bytearray(r.inline)
         r.inline = None
@@ -127,6 +130,7 @@ async def flush_chunk(vol: Volume, node: Node, i: int) -> None:
     del node.dirty[i]
     if not node.dirty:
         node.stored_size = node.record.size
+        node.stored_inline = None
 
 
 async def flush(vol: Volume, node: Node) -> None:
@@ -142,3 +146,4 @@ async def flush(vol: Volume, node: Node) -> None:
         for i in sorted(node.dirty):
             await flush_chunk(vol, node, i)
     node.stored_size = r.size
+    node.stored_inline = None

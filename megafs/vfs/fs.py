@@ -77,6 +77,15 @@ def _now() -> int:
     return time.time_ns()
 
 
+def _drop_setid(mode: int) -> int:
+    """``mode`` without set-user-ID, and without set-group-ID if group-executable
+    (without group execute that bit means mandatory locking, and stays)."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG)
@@ -534,6 +543,7 @@ class Vfs:
                 if not node.hardlinked:
                     node.parent = d.ino
                 node.record.ctime_ns = _now()
+                self._dirty_record(node)  # an inode object's ctime changed too
             if src.is_dir != dst.is_dir:
                 delta = 1 if src.is_dir else -1
                 od.record.nlink -= delta
@@ -604,14 +614,20 @@ class Vfs:
             raise FsError(errno.EBADF) from None
         return h, self.nodes[h.ino]
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, ctx: Ctx | None = None) -> int:
+        """Open a file. With O_TRUNC it is truncated (times updated even if it was
+        empty), and a caller ``ctx`` other than root also clears set-user-ID and
+        set-group-ID, as any unprivileged truncation does."""
         node = self._node(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._writable()
-        if flags & os.O_TRUNC and node.is_reg and node.record.size:
-            await self.setattr(ino, size=0)
+        if flags & os.O_TRUNC and node.is_reg:
+            mode = node.record.mode
+            if ctx is not None and ctx.uid != 0:
+                mode = _drop_setid(mode)
+            await self.setattr(ino, size=0, mode=mode if mode != node.record.mode else None)
         return self._open_handle(node, flags)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -644,9 +660,9 @@ class Vfs:
 
     async def _flush_node(self, node: Node) -> None:
         async with node.content_lock:
-            if node.record.nlink == 0:
-                node.dirty.clear()
-            elif node.dirty or node.stored_size != node.record.size:
+            # An unlinked file that is still open keeps its content too (its
+            # buffers are its only copy); it is dropped with the node.
+            if node.dirty or node.stored_size != node.record.size:
                 await content.flush(self.volume, node)
                 self._dirty_record(node)
             self._dirty_content.discard(node.ino)
@@ -716,12 +732,21 @@ class Vfs:
 
     # ---------------------------------------------------------------- commit
 
+    @staticmethod
+    def _committed(node: Node) -> Record:
+        """``node``'s record as a commit stores it: while content buffers are not
+        stored yet, it describes the content last stored (size, inline bytes)."""
+        rec = node.record
+        if rec.inline is None and node.stored_inline is not None:
+            return replace(rec, size=node.stored_size, inline=node.stored_inline, chunks={})
+        if node.dirty and node.stored_size != rec.size:
+            return replace(rec, size=node.stored_size, chunks=dict(rec.chunks))
+        return rec
+
     def _stored_record(self, node: Node) -> Record:
         if node.hardlinked:
             return Record(ino=node.ino, ref=True)
-        if node.dirty and node.stored_size != node.record.size:
-            return replace(node.record, size=node.stored_size, chunks=dict(node.record.chunks))
-        return node.record
+        return self._committed(node)
 
     def _snapshot(self) -> tuple[list[tuple[SealedObject, Node]], list[tuple[SealedObject, Node]]]:
         """Seal every dirty object (synchronous) and clear the dirty sets."""
@@ -731,10 +756,7 @@ class Vfs:
             node = self.nodes.get(ino)
             if node is None or node.record.nlink == 0:
                 continue
-            rec = node.record
-            if node.dirty and node.stored_size != rec.size:
-                rec = replace(rec, size=node.stored_size, chunks=dict(rec.chunks))
-            first.append((self.volume.seal_inode(rec), node))
+            first.append((self.volume.seal_inode(self._committed(node)), node))
         for ino in self._dirty_dirs:
             node = self.nodes.get(ino)
             if node is None or node.entries is None or (ino != ROOT_INO and node.record.nlink == 0):

@@ -7,7 +7,8 @@ kernel lookup / open counts.
 
 Ownership: every field is owned by the vfs and changed only in synchronous sections
 of :class:`megafs.vfs.fs.Vfs` methods, except the content fields (``dirty``,
-``record.chunks``, ``record.inline``, ``stored_size``), which are changed only while
+``record.chunks``, ``record.inline``, ``stored_size``, ``stored_inline``), which are
+changed only while
 holding ``content_lock``.
 """
 
@@ -57,6 +58,9 @@ class Node:
     # Files: chunk index -> full current plaintext of that chunk (dirty, not stored).
     dirty: dict[int, bytearray] = field(default_factory=dict)
     stored_size: int = 0
+    # The inline content the store holds while the buffers that replaced it are not
+    # stored yet (None otherwise): what a commit in that window must keep writing.
+    stored_inline: bytes | None = None
     last_write: float = 0.0
     content_lock: trio.Lock = field(default_factory=trio.Lock)
     lookups: int = 0
