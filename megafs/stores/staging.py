@@ -149,8 +149,11 @@ class StagingStore:
             self._add(_Entry(seq, key, is_delete, len(data), p, synced=True))
             self._next_seq = seq + 1
         if self._order:
-            log.info("staging: resuming %d pending operations (%d bytes)", len(self._order),
-                     self.pending_bytes)
+            log.info(
+                "staging: resuming %d pending operations (%d bytes)",
+                len(self._order),
+                self.pending_bytes,
+            )
 
     def _add(self, entry: _Entry) -> None:
         old = self._entries.get(entry.key)
@@ -201,8 +204,7 @@ class StagingStore:
             staged, remote_etag = self._etags.get(key, ("", ""))
             if if_match is not None and if_match == staged:
                 if_match = remote_etag
-            return await self.remote.put(key, data, if_none_match=if_none_match,
-                                         if_match=if_match)
+            return await self.remote.put(key, data, if_none_match=if_none_match, if_match=if_match)
         entry = await self._stage(b"P", key, data)
         return f"staged-{entry.seq}"
 
