@@ -7,12 +7,14 @@ Every failure prints one line ``megafs: ...`` to stderr and exits non-zero (see
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -21,6 +23,7 @@ from megafs.config import UsageError, parse_options, read_passphrase
 from megafs.errors import MegafsError, VolumeError
 from megafs.mount import (
     PID_XATTR,
+    STATUS_XATTR,
     MountError,
     check_mountpoint,
     mounted_at,
@@ -59,9 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("-f", "--foreground", action="store_true")
     pm.add_argument("--passphrase-file", type=Path)
 
-    pu = sub.add_parser("umount", help="commit everything, then unmount")
+    pu = sub.add_parser("umount", help="wait until every change is on the store, then unmount")
     pu.add_argument("mountpoint", type=Path)
     pu.add_argument("--timeout", type=float, default=3600.0)
+
+    ps = sub.add_parser("status", help="pending uploads, cache use, errors")
+    ps.add_argument("mountpoint", type=Path)
+    ps.add_argument("--json", action="store_true")
+    ps.add_argument(
+        "--wait-idle", action="store_true", help="return once nothing is waiting to be uploaded"
+    )
     return p
 
 
@@ -99,6 +109,63 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return run_daemon(args.store, mountpoint, passphrase, opts, log_path)
 
 
+def _status(mnt: Path) -> dict[str, Any]:
+    try:
+        raw = os.getxattr(mnt, STATUS_XATTR.decode())
+    except OSError as exc:
+        raise MountError(f"{mnt} is not a megafs mount ({exc.strerror})") from None
+    result: dict[str, Any] = json.loads(raw)
+    return result
+
+
+def _wait_idle(mnt: Path, timeout: float, progress: bool) -> None:
+    """Poll until the mount has nothing left to upload."""
+    deadline = time.monotonic() + timeout
+    shown = False
+    while True:
+        st = _status(mnt)
+        if not st["pending_objects"] and not st["dirty_files"]:
+            break
+        if time.monotonic() > deadline:
+            raise MountError(
+                f"{mnt}: still {st['pending_bytes'] / 2**20:.1f} MiB to upload after "
+                f"{timeout:.0f} s; not waiting longer"
+            )
+        if progress:
+            line = (
+                f"uploading {st['pending_bytes'] / 2**20:.1f} MiB "
+                f"({st['pending_objects']} objects, {st['dirty_files']} files)..."
+            )
+            if st["last_error"]:
+                line += f" last error: {st['last_error']}"
+            print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+            shown = True
+        time.sleep(0.1)
+    if shown:
+        print("\r\033[Kall changes are on the store", file=sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mnt = args.mountpoint.resolve()
+    if args.wait_idle:
+        _wait_idle(mnt, 24 * 3600.0, progress=sys.stderr.isatty())
+    st = _status(mnt)
+    if args.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+    else:
+        print(
+            f"pending uploads: {st['pending_objects']} objects, "
+            f"{st['pending_bytes'] / 2**20:.1f} MiB; files not yet staged: {st['dirty_files']}"
+        )
+        print(f"uploaded this mount: {st['uploaded_bytes'] / 2**20:.1f} MiB")
+        print(
+            f"cache: {st['cache_bytes'] / 2**20:.1f} of {st['cache_max_bytes'] / 2**20:.0f} MiB,"
+            f" {st['cache_hits']} hits, {st['cache_misses']} misses"
+        )
+        print(f"last store error: {st['last_error'] or 'none'}; commit errors: {st['errors']}")
+    return exitcodes.OK
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mnt = args.mountpoint.resolve()
     if not mounted_at(mnt):
@@ -106,24 +173,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pid: int | None = None
     try:
         pid = int(os.getxattr(mnt, PID_XATTR.decode()))
+        _wait_idle(mnt, args.timeout, progress=sys.stderr.isatty())
     except (OSError, ValueError):
         pid = None
-    tool = "fusermount3"
-    res = subprocess.run([tool, "-u", str(mnt)], capture_output=True, text=True)
+    res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
         raise MountError(f"cannot unmount {mnt}: {msg[-1] if msg else 'fusermount3 failed'}")
     if pid is not None:
+        # The daemon makes its final commit and uploads it, then exits.
         deadline = time.monotonic() + args.timeout
-        announced = False
         while _alive(pid):
             if time.monotonic() > deadline:
-                raise MountError(
-                    f"the megafs process {pid} is still committing; not waiting longer"
-                )
-            if not announced and sys.stderr.isatty():
-                print("megafs: committing pending changes to the store...", file=sys.stderr)
-                announced = True
+                raise MountError(f"megafs process {pid} is still uploading; not waiting longer")
             time.sleep(0.05)
     return exitcodes.OK
 
@@ -139,7 +201,12 @@ def _alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        handler = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount}[args.cmd]
+        handler = {
+            "init": cmd_init,
+            "mount": cmd_mount,
+            "umount": cmd_umount,
+            "status": cmd_status,
+        }[args.cmd]
         return handler(args)
     except MegafsError as exc:
         if args.debug:

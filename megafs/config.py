@@ -46,6 +46,24 @@ class MountOptions:
     debug: bool = False
     fsname: str | None = None
     passphrase_file: Path | None = None
+    cache_size: int | None = None  # bytes; None: a share of the free disk space
+    staging_size: int | None = None  # bytes; None: a share of the free disk space
+    fsync_remote: bool = False
+
+    def cache_max_bytes(self, where: Path) -> int:
+        """The block cache cap: ``cache_size=``, or a quarter of the free space
+        (at most 10 GiB, at least 64 MiB)."""
+        if self.cache_size is not None:
+            return self.cache_size
+        return max(64 << 20, min(10 << 30, _free_bytes(where) // 4))
+
+    def staging_max_bytes(self, where: Path) -> int:
+        """How much not-yet-uploaded data may wait on local disk before writers
+        are slowed down: ``staging_size=``, or half the free space (at most 20 GiB,
+        at least 256 MiB)."""
+        if self.staging_size is not None:
+            return self.staging_size
+        return max(256 << 20, min(20 << 30, _free_bytes(where) // 2))
 
     def fuse_options(self, store_url: str) -> set[str]:
         opts = {"default_permissions", "subtype=megafs", f"fsname={self.fsname or store_url}"}
@@ -99,6 +117,10 @@ def parse_options(specs: list[str]) -> MountOptions:
                     raise UsageError(f"commit_interval={value}: not a number") from None
                 if not 0 < opts.commit_interval <= 3600:
                     raise UsageError("commit_interval must be between 0 and 3600 seconds")
+            elif name in ("cache_size", "staging_size") and value:
+                setattr(opts, name, parse_size(value, name))
+            elif name == "fsync" and value in ("local", "remote"):
+                opts.fsync_remote = value == "remote"
             elif name == "debug":
                 opts.debug = True
             elif name == "fsname" and value:
@@ -110,6 +132,31 @@ def parse_options(specs: list[str]) -> MountOptions:
             else:
                 raise UsageError(f"unknown mount option {item!r}")
     return opts
+
+
+def parse_size(value: str, what: str) -> int:
+    """``512M``, ``2G``, ``1.5T``, ``4096`` (bytes) -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    v = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = v[-1:] if v[-1:] in units else ""
+    try:
+        n = float(v[: len(v) - len(unit)])
+    except ValueError:
+        raise UsageError(f"{what}={value}: not a size (e.g. 512M, 2G)") from None
+    if n < 0:
+        raise UsageError(f"{what}={value}: must not be negative")
+    return int(n * units[unit])
+
+
+def _free_bytes(where: Path) -> int:
+    p = where
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False) -> bytes:

@@ -14,6 +14,7 @@ and :meth:`Vfs.close` makes the final flush and commit before the process exits.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -30,12 +32,16 @@ from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
 from megafs.stores import LocalStore, open_store
+from megafs.stores.staging import StagingStore
+from megafs.vfs.blockcache import BlockCache
 from megafs.vfs.fs import Vfs
 from megafs.volume.drive import Volume
 
 log = logging.getLogger(__name__)
 
 PID_XATTR = b"user.megafs.pid"
+STATUS_XATTR = b"user.megafs.status"
+READ_AHEAD_KB = 1024
 
 
 class MountError(MegafsError):
@@ -93,12 +99,25 @@ def _space_of(store: object) -> Callable[[], tuple[int, int]] | None:
 
 
 class _Ops(Operations):
-    """Adds the control attribute ``user.megafs.pid`` on the root (not listed)."""
+    """Adds control attributes on the root, answered but never listed:
+    ``user.megafs.pid`` (the daemon's pid) and ``user.megafs.status`` (JSON)."""
 
-    async def getxattr(self, inode: int, name: bytes, ctx: object) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name == PID_XATTR:
-            return str(os.getpid()).encode()
+    def __init__(self, vfs: Vfs, status: Callable[[], dict[str, object]]) -> None:
+        super().__init__(vfs)
+        self._status = status
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if inode == pyfuse3.ROOT_INODE:
+            if name == PID_XATTR:
+                return str(os.getpid()).encode()
+            if name == STATUS_XATTR:
+                return json.dumps(self._status()).encode()
         return await super().getxattr(inode, name, ctx)
+
+
+def _is_barrier(key: str) -> bool:
+    """Content chunks may be uploaded in any order; everything else is ordered."""
+    return not key.startswith("c/")
 
 
 async def serve(
@@ -118,15 +137,34 @@ async def serve(
         volume = await Volume.open(
             store, passphrase, state_root=opts.cache_dir, read_only=opts.read_only
         )
+        local = opts.cache_dir / volume.volume_id.hex()
+        staging = None
+        if not opts.read_only:
+            staging = StagingStore(
+                store,
+                local / "staging",
+                is_barrier=_is_barrier,
+                max_pending_bytes=opts.staging_max_bytes(local),
+            )
+            volume.store = staging
+        cache = BlockCache(
+            local / "blocks",
+            volume.keys.cache,
+            volume.volume_id,
+            max_bytes=opts.cache_max_bytes(local),
+        )
         vfs = Vfs(
             volume,
             read_only=opts.read_only,
             commit_interval=opts.commit_interval,
             space=_space_of(store),
+            block_cache=cache,
+            writeback=staging,
+            fsync_remote=opts.fsync_remote,
         )
         await vfs.start()
-        ops = _Ops(vfs)
-        pyfuse3.init(ops, str(mountpoint), opts.fuse_options(store.url))
+        status = _StatusView(vfs, staging, cache)
+        pyfuse3.init(_Ops(vfs, status), str(mountpoint), opts.fuse_options(store.url))
     except MegafsError as exc:
         ready(exc)
         raise
@@ -136,30 +174,101 @@ async def serve(
         raise err from None
     log.info("mounted %s at %s", store.url, mountpoint)
     ready(None)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(vfs.run_committer)
-            nursery.start_soon(_watch_signals)
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
-            nursery.cancel_scope.cancel()
-    finally:
-        # Unmount first (so nothing new arrives), then the final flush.
+    # Task ownership: ``outer`` owns the uploader, which must outlive the FUSE
+    # session so the final drain can finish; ``inner`` owns the committer (and
+    # read-ahead), the signal watcher and the FUSE workers.
+    async with trio.open_nursery() as outer:
+        if staging is not None:
+            outer.start_soon(staging.run_uploader)
         try:
-            pyfuse3.close(unmount=mounted_at(mountpoint))
-        except Exception:
-            log.exception("closing the FUSE session")
-        with trio.CancelScope(shield=True):
-            await vfs.close()
-            await volume.aclose()
+            async with trio.open_nursery() as inner:
+                await inner.start(vfs.run_committer)
+                inner.start_soon(_raise_read_ahead, mountpoint)
+                inner.start_soon(_on_signal, pyfuse3.terminate)
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                inner.cancel_scope.cancel()
+        finally:
+            # Unmount first (so nothing new arrives), then the final commit.
+            try:
+                pyfuse3.close(unmount=mounted_at(mountpoint))
+            except Exception:
+                log.exception("closing the FUSE session")
+            with trio.CancelScope(shield=True):
+                await vfs.close()
+        if staging is not None and staging.pending_count:
+            await _drain(staging)
+        await volume.aclose()
+        outer.cancel_scope.cancel()
+    if staging is None or not staging.pending_count:
         log.info("unmounted %s, everything committed", mountpoint)
+    else:
+        log.info("unmounted %s; staged changes are uploaded by the next mount", mountpoint)
 
 
-async def _watch_signals() -> None:
+async def _drain(staging: StagingStore) -> None:
+    """Wait for the upload queue to empty; a signal stops waiting (what is staged
+    stays on local disk and the next mount resumes it)."""
+    log.info(
+        "uploading %d pending objects (%d bytes) before exit",
+        staging.pending_count,
+        staging.pending_bytes,
+    )
+    async with trio.open_nursery() as n:
+        n.start_soon(_on_signal, n.cancel_scope.cancel)
+        await staging.wait_idle()
+        n.cancel_scope.cancel()
+    if staging.pending_count:
+        log.warning(
+            "exiting with %d objects (%d bytes) not yet uploaded; the next mount resumes them",
+            staging.pending_count,
+            staging.pending_bytes,
+        )
+    else:
+        log.info("all changes are on the store")
+
+
+async def _on_signal(action: Callable[[], object]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for _ in signals:
-            log.info("signal received: unmounting")
-            pyfuse3.terminate()
+            log.info("signal received: stopping")
+            action()
             return
+
+
+async def _raise_read_ahead(mountpoint: Path) -> None:
+    """Let the kernel read ahead 1 MiB at a time on this mount (its FUSE default is
+    128 KiB, which caps sequential reads). Runs once the session serves requests:
+    the stat() goes through this very filesystem."""
+    try:
+        dev = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        if path.exists():
+            await trio.to_thread.run_sync(path.write_text, str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.debug("could not raise read-ahead: %s", exc)
+
+
+class _StatusView:
+    """What ``megafs status`` shows, computed on request."""
+
+    def __init__(self, vfs: Vfs, staging: StagingStore | None, cache: BlockCache) -> None:
+        self.vfs, self.staging, self.cache = vfs, staging, cache
+
+    def __call__(self) -> dict[str, object]:
+        st = self.staging
+        return {
+            "pid": os.getpid(),
+            "pending_objects": st.pending_count if st else 0,
+            "pending_bytes": st.pending_bytes if st else 0,
+            "uploaded_bytes": st.uploaded_bytes if st else 0,
+            "last_error": st.last_error if st else None,
+            "dirty_files": self.vfs.dirty_file_count(),
+            "cache_bytes": self.cache.bytes,
+            "cache_max_bytes": self.cache.max_bytes,
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+            "errors": self.vfs.errors,
+        }
 
 
 def run_foreground(

@@ -11,9 +11,8 @@ Invariants (with the lock released):
 * No buffer or stored chunk holds bytes at or past ``record.size`` (truncation cuts).
 * ``record.inline`` is not None only when ``dirty`` and ``record.chunks`` are empty;
   then it holds exactly the file's bytes.
-* ``stored_size == record.size`` whenever ``dirty`` is empty.
-* ``stored_inline`` is not None only while a file that was inline has unstored
-  buffers; it holds the inline bytes last stored (commits keep those meanwhile).
+* ``node.saved`` is not None from the first change after a flush until the next
+  complete :func:`flush`; it holds the content as of that flush (see Node).
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from __future__ import annotations
 from typing import Final
 
 from megafs.format.chunks import CHUNK_SIZE
+from megafs.vfs.chunkio import ChunkIO
 from megafs.vfs.node import Node
-from megafs.volume.drive import Volume
 
 INLINE_MAX: Final = 4096
 
@@ -31,7 +30,7 @@ def _zeros(n: int) -> bytes:
     return bytes(n)
 
 
-async def read(vol: Volume, node: Node, off: int, size: int) -> bytes:
+async def read(vol: ChunkIO, node: Node, off: int, size: int) -> bytes:
     r = node.record
     end = min(off + size, r.size)
     if off >= end:
@@ -59,16 +58,32 @@ async def read(vol: Volume, node: Node, off: int, size: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def prefetch(vol: ChunkIO, node: Node, start: int, end: int) -> None:
+    """Ask for ``[start, end)`` to be fetched into the cache in the background, in
+    pieces of up to 1 MiB (no lock needed: it only reads stored chunks)."""
+    r = node.record
+    piece = 1 << 20
+    pos = start
+    while pos < end:
+        i = pos // CHUNK_SIZE
+        base = i * CHUNK_SIZE
+        stop = min(base + CHUNK_SIZE, end, pos + piece)
+        ref = r.chunks.get(i)
+        if ref is not None and i not in node.dirty:
+            vol.prefetch(ref, pos - base, stop - base)
+        pos = stop
+
+
 def _uninline(node: Node) -> None:
     r = node.record
+    node.content_changed()
     if r.inline is not None:
-        node.stored_inline = r.inline
         if r.inline:
             node.dirty[0] = bytearray(r.inline)
         r.inline = None
 
 
-async def write(vol: Volume, node: Node, off: int, data: bytes) -> None:
+async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
     """Write ``data`` at ``off``; full chunks that the write completed are uploaded."""
     r = node.record
     _uninline(node)
@@ -101,7 +116,7 @@ async def write(vol: Volume, node: Node, off: int, data: bytes) -> None:
         await flush_chunk(vol, node, i)
 
 
-async def truncate(vol: Volume, node: Node, size: int) -> None:
+async def truncate(vol: ChunkIO, node: Node, size: int) -> None:
     r = node.record
     _uninline(node)
     if size < r.size:
@@ -118,7 +133,7 @@ async def truncate(vol: Volume, node: Node, size: int) -> None:
     r.size = size
 
 
-async def flush_chunk(vol: Volume, node: Node, i: int) -> None:
+async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
     buf = node.dirty[i]
     valid = max(0, min(len(buf), node.record.size - i * CHUNK_SIZE))
     data = bytes(buf[:valid])
@@ -128,14 +143,11 @@ async def flush_chunk(vol: Volume, node: Node, i: int) -> None:
         node.record.chunks[i] = await vol.write_chunk(data)
     # The buffer may have been replaced only under the lock we hold.
     del node.dirty[i]
-    if not node.dirty:
-        node.stored_size = node.record.size
-        node.stored_inline = None
 
 
-async def flush(vol: Volume, node: Node) -> None:
-    """Upload every dirty buffer (small files go inline). Afterwards the record
-    describes the whole content and ``stored_size == record.size``."""
+async def flush(vol: ChunkIO, node: Node) -> None:
+    """Store every dirty buffer (small files go inline). Afterwards the record
+    describes the whole content, all of it stored, and ``saved`` is None."""
     r = node.record
     if r.size <= INLINE_MAX and set(r.chunks) | set(node.dirty) <= {0}:
         if r.inline is None:
@@ -145,5 +157,4 @@ async def flush(vol: Volume, node: Node) -> None:
     else:
         for i in sorted(node.dirty):
             await flush_chunk(vol, node, i)
-    node.stored_size = r.size
-    node.stored_inline = None
+    node.saved = None

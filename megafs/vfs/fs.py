@@ -28,14 +28,16 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
 import trio
 
 from megafs.errors import FsError, IntegrityError, MegafsError
 from megafs.format.records import NAME_MAX, Record
 from megafs.vfs import content
+from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkio import ChunkIO
 from megafs.vfs.node import Attr, Node
 from megafs.volume.drive import ROOT_INO, SealedObject, Volume
 
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 XATTR_NAME_MAX: Final = 255
 XATTR_SIZE_MAX: Final = 65536
 DIRTY_BYTES_MAX: Final = 256 * 1024 * 1024
+MEMORY_CACHE_BYTES: Final = 64 * 1024 * 1024
+READAHEAD_MIN: Final = 1 << 20
+READAHEAD_MAX: Final = 32 << 20
 RENAME_NOREPLACE: Final = 1
 RENAME_EXCHANGE: Final = 2
 
@@ -61,6 +66,11 @@ class Ctx:
 class Handle:
     ino: int
     flags: int
+    # Read-ahead: where a sequential reader goes next, how far ahead to fetch, and
+    # how far has been requested already.
+    next_off: int = -1
+    ra_window: int = 0
+    ra_end: int = 0
 
 
 @dataclass
@@ -95,6 +105,16 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.EEXIST)
 
 
+class WriteBack(Protocol):
+    """The staging area's durability hooks (see megafs.stores.staging)."""
+
+    async def sync(self) -> None:
+        """Make everything written so far durable on local disk."""
+
+    async def wait_idle(self) -> None:
+        """Wait until everything written so far is on the remote store."""
+
+
 class Vfs:
     """A mounted volume's filesystem, independent of FUSE."""
 
@@ -105,8 +125,22 @@ class Vfs:
         read_only: bool = False,
         commit_interval: float = 1.0,
         space: Callable[[], tuple[int, int]] | None = None,
+        block_cache: BlockCache | None = None,
+        writeback: WriteBack | None = None,
+        fsync_remote: bool = False,
     ) -> None:
         self.volume = volume
+        if block_cache is None:
+            block_cache = BlockCache(
+                None,
+                volume.keys.cache,
+                volume.volume_id,
+                max_bytes=0,
+                memory_bytes=MEMORY_CACHE_BYTES,
+            )
+        self.io = ChunkIO(volume, block_cache)
+        self.writeback = writeback
+        self.fsync_remote = fsync_remote
         self.read_only = read_only or volume.read_only
         self.commit_interval = commit_interval
         self._space = space
@@ -131,35 +165,44 @@ class Vfs:
         self.nodes[ROOT_INO] = root
         await self._fill_dir(root, contents.entries)
 
-    async def run_committer(self) -> None:
-        """Commit dirty metadata every ``commit_interval`` seconds until cancelled."""
-        while True:
-            await trio.sleep(self.commit_interval)
-            try:
-                await self.sync(idle_only=True)
-            except MegafsError as exc:
-                self.errors += 1
-                log.error("background commit failed (will retry): %s", exc)
+    async def run_committer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Every ``commit_interval`` seconds, make all changes durable (the journal
+        commit, like ext4's), until cancelled. Also starts read-ahead."""
+        async with trio.open_nursery() as nursery:
+            self.io.start(nursery)
+            task_status.started()
+            while True:
+                await trio.sleep(self.commit_interval)
+                try:
+                    await self.sync()
+                except MegafsError as exc:
+                    self.errors += 1
+                    log.error("background commit failed (will retry): %s", exc)
 
-    async def sync(self, *, idle_only: bool = False) -> None:
-        """Upload dirty file content, then commit all dirty metadata. With
-        ``idle_only``, files written to within the last interval keep their buffers."""
-        now = trio.current_time()
+    async def sync(self) -> None:
+        """Store all dirty file content, commit all dirty metadata, and make it
+        durable locally (in the staging area, when there is one)."""
         for ino in list(self._dirty_content):
             node = self.nodes.get(ino)
             if node is None:
                 self._dirty_content.discard(ino)
                 continue
-            if idle_only and now - node.last_write < self.commit_interval:
-                continue
             await self._flush_node(node)
         await self.commit()
+        if self.writeback is not None:
+            await self.writeback.sync()
 
     async def close(self) -> None:
         """Final flush and commit (unmount)."""
         if not self.read_only:
             await self.sync()
         self.volume.save_state()
+
+    def dirty_file_count(self) -> int:
+        """Files with changes not yet in the staging area / on the store."""
+        return len(self._dirty_content)
 
     # --------------------------------------------------------------- helpers
 
@@ -237,7 +280,6 @@ class Vfs:
                     child = Node(record=linked[rec.ino], hardlinked=True)
                 else:
                     child = Node(record=rec, parent=node.ino)
-                child.stored_size = child.record.size
                 self.nodes[rec.ino] = child
             node.add_entry(name, rec.ino)
 
@@ -265,7 +307,7 @@ class Vfs:
             ctime_ns=t,
             **kw,
         )
-        node = Node(record=rec, parent=parent.ino, stored_size=rec.size)
+        node = Node(record=rec, parent=parent.ino)
         self.nodes[rec.ino] = node
         return node
 
@@ -373,8 +415,8 @@ class Vfs:
             if not node.is_reg:
                 raise FsError(errno.EINVAL)
             async with node.content_lock:
-                await content.truncate(self.volume, node, size)
-                await content.flush(self.volume, node)
+                await content.truncate(self.io, node, size)
+                await content.flush(self.io, node)
             self._dirty_content.discard(ino)
             r.mtime_ns = _now()
         if mode is not None:
@@ -631,9 +673,27 @@ class Vfs:
         return self._open_handle(node, flags)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        _, node = self._handle(fh)
+        h, node = self._handle(fh)
         async with node.content_lock:
-            return await content.read(self.volume, node, off, size)
+            data = await content.read(self.io, node, off, size)
+        self._read_ahead(h, node, off, len(data))
+        return data
+
+    def _read_ahead(self, h: Handle, node: Node, off: int, n: int) -> None:
+        """Sequential reads double the window (up to READAHEAD_MAX) and fetch that
+        far ahead in the background; any other read resets it."""
+        if off == h.next_off and n:
+            h.ra_window = min(max(2 * h.ra_window, READAHEAD_MIN), READAHEAD_MAX)
+        else:
+            h.ra_window = h.ra_end = 0
+        h.next_off = off + n
+        if not h.ra_window:
+            return
+        start = max(h.next_off, h.ra_end)
+        end = min(h.next_off + h.ra_window, node.record.size)
+        if start < end:
+            content.prefetch(self.io, node, start, end)
+            h.ra_end = end
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         self._writable()
@@ -641,7 +701,7 @@ class Vfs:
         async with node.content_lock:
             if h.flags & os.O_APPEND:
                 off = node.record.size
-            await content.write(self.volume, node, off, data)
+            await content.write(self.io, node, off, data)
             t = _now()
             node.record.mtime_ns = node.record.ctime_ns = t
             node.last_write = trio.current_time()
@@ -662,8 +722,8 @@ class Vfs:
         async with node.content_lock:
             # An unlinked file that is still open keeps its content too (its
             # buffers are its only copy); it is dropped with the node.
-            if node.dirty or node.stored_size != node.record.size:
-                await content.flush(self.volume, node)
+            if node.dirty or node.saved is not None:
+                await content.flush(self.io, node)
                 self._dirty_record(node)
             self._dirty_content.discard(node.ino)
 
@@ -673,10 +733,15 @@ class Vfs:
             await self._flush_node(node)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
+        """Durable on local disk when this returns (on the store with fsync_remote)."""
         _, node = self._handle(fh)
         if not self.read_only:
             await self._flush_node(node)
             await self.commit()
+            if self.writeback is not None:
+                await self.writeback.sync()
+                if self.fsync_remote:
+                    await self.writeback.wait_idle()
 
     async def release(self, fh: int) -> None:
         h, node = self._handle(fh)
@@ -732,21 +797,10 @@ class Vfs:
 
     # ---------------------------------------------------------------- commit
 
-    @staticmethod
-    def _committed(node: Node) -> Record:
-        """``node``'s record as a commit stores it: while content buffers are not
-        stored yet, it describes the content last stored (size, inline bytes)."""
-        rec = node.record
-        if rec.inline is None and node.stored_inline is not None:
-            return replace(rec, size=node.stored_size, inline=node.stored_inline, chunks={})
-        if node.dirty and node.stored_size != rec.size:
-            return replace(rec, size=node.stored_size, chunks=dict(rec.chunks))
-        return rec
-
     def _stored_record(self, node: Node) -> Record:
         if node.hardlinked:
             return Record(ino=node.ino, ref=True)
-        return self._committed(node)
+        return node.committed()
 
     def _snapshot(self) -> tuple[list[tuple[SealedObject, Node]], list[tuple[SealedObject, Node]]]:
         """Seal every dirty object (synchronous) and clear the dirty sets."""
@@ -756,7 +810,7 @@ class Vfs:
             node = self.nodes.get(ino)
             if node is None or node.record.nlink == 0:
                 continue
-            first.append((self.volume.seal_inode(self._committed(node)), node))
+            first.append((self.volume.seal_inode(node.committed()), node))
         for ino in self._dirty_dirs:
             node = self.nodes.get(ino)
             if node is None or node.entries is None or (ino != ROOT_INO and node.record.nlink == 0):

@@ -7,7 +7,7 @@ kernel lookup / open counts.
 
 Ownership: every field is owned by the vfs and changed only in synchronous sections
 of :class:`megafs.vfs.fs.Vfs` methods, except the content fields (``dirty``,
-``record.chunks``, ``record.inline``, ``stored_size``, ``stored_inline``), which are
+``record.chunks``, ``record.inline``, ``saved``), which are
 changed only while
 holding ``content_lock``.
 """
@@ -15,11 +15,11 @@ holding ``content_lock``.
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
-from megafs.format.records import Record
+from megafs.format.records import ChunkRef, Record
 
 
 @dataclass
@@ -37,6 +37,15 @@ class Attr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A file's content as last flushed (see ``Node.saved``)."""
+
+    size: int
+    chunks: dict[int, ChunkRef]
+    inline: bytes | None
 
 
 @dataclass(eq=False)
@@ -57,16 +66,31 @@ class Node:
     loading: trio.Event | None = None
     # Files: chunk index -> full current plaintext of that chunk (dirty, not stored).
     dirty: dict[int, bytearray] = field(default_factory=dict)
-    stored_size: int = 0
-    # The inline content the store holds while the buffers that replaced it are not
-    # stored yet (None otherwise): what a commit in that window must keep writing.
-    stored_inline: bytes | None = None
+    # The content (size, chunks, inline bytes) as of the last complete flush: every
+    # chunk it names is stored, so it is what a metadata commit writes. ``None``
+    # means "same as the record" (nothing changed since).
+    saved: Saved | None = None
     last_write: float = 0.0
     content_lock: trio.Lock = field(default_factory=trio.Lock)
     lookups: int = 0
     opens: int = 0
     # Why this inode cannot be used (its inode object failed to load), if it can't.
     broken: str | None = None
+
+    def content_changed(self) -> None:
+        """Call before the content (size, chunks, inline) first departs from what
+        was last flushed."""
+        if self.saved is None:
+            r = self.record
+            self.saved = Saved(r.size, dict(r.chunks), r.inline)
+
+    def committed(self) -> Record:
+        """The record a metadata commit may write now: current attributes, content
+        as last flushed."""
+        if self.saved is None:
+            return self.record
+        s = self.saved
+        return replace(self.record, size=s.size, chunks=dict(s.chunks), inline=s.inline)
 
     @property
     def ino(self) -> int:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Final, final
 
 import trio
-from cachetools import LRUCache
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from megafs.errors import (
@@ -41,7 +40,6 @@ from megafs.stores.base import ObjectStore
 log = logging.getLogger(__name__)
 
 ROOT_INO: Final = 1
-BLOCK_CACHE_BYTES: Final = 128 * 1024 * 1024
 
 
 @dataclass
@@ -78,12 +76,6 @@ class Volume:
         self._state_dirty = False
         # Chunk ids known to exist on the store (dedup without a HEAD each time).
         self._known_chunks: set[bytes] = set()
-        # Plaintext sub-block cache: (chunk id, block number) -> bytes.
-        self._blocks: LRUCache[tuple[bytes, int], bytes] = LRUCache(
-            maxsize=BLOCK_CACHE_BYTES, getsizeof=len
-        )
-        # Fetches in flight: concurrent readers of one missing block share one GET.
-        self._inflight: dict[tuple[bytes, int], trio.Event] = {}
         self._load_state()
 
     # ------------------------------------------------------------------ setup
@@ -263,6 +255,8 @@ class Volume:
 
     # ---------------------------------------------------------------- content
 
+    block_size: Final = fchunks.BLOCK_SIZE
+
     async def write_chunk(self, plaintext: bytes) -> frec.ChunkRef:
         """Store a chunk (once per volume) and return its reference."""
         cid = await trio.to_thread.run_sync(fchunks.chunk_id, self.keys.chunk_id, plaintext)
@@ -278,86 +272,32 @@ class Volume:
             )
             await self.store.put(key, sealed)
         self._known_chunks.add(cid)
-        # The writer usually reads back what it wrote: keep the blocks.
-        for j in range(fchunks.block_count(len(plaintext))):
-            self._blocks[(cid, j)] = plaintext[
-                j * fchunks.BLOCK_SIZE : (j + 1) * fchunks.BLOCK_SIZE
-            ]
         return ref
 
-    async def read_chunk(self, ref: frec.ChunkRef, p_start: int, p_end: int) -> bytes:
-        """Plaintext ``[p_start, p_end)`` of a chunk; fetches only the missing
-        sub-blocks, with one ranged GET per run of missing blocks."""
-        p_end = min(p_end, ref.length)
-        if p_start >= p_end:
-            return b""
-        first, stop, _, _ = fchunks.block_range(p_start, p_end, ref.length)
-        blocks: dict[int, bytes] = {}
-        while True:
-            missing: list[int] = []
-            waits: list[trio.Event] = []
-            for j in range(first, stop):
-                if j in blocks:
-                    continue
-                b = self._blocks.get((ref.cid, j))
-                if b is not None:
-                    blocks[j] = b
-                elif (ev := self._inflight.get((ref.cid, j))) is not None:
-                    waits.append(ev)
-                else:
-                    missing.append(j)
-            if missing:
-                blocks.update(await self._fetch_blocks(ref, missing[0], missing[-1] + 1))
-                continue
-            if waits:
-                for ev in waits:
-                    await ev.wait()
-                continue
-            break
-        data = b"".join(blocks[j] for j in range(first, stop))
-        off = p_start - first * fchunks.BLOCK_SIZE
-        return data[off : off + (p_end - p_start)]
-
-    async def _fetch_blocks(self, ref: frec.ChunkRef, first: int, stop: int) -> dict[int, bytes]:
-        # Claim the blocks synchronously so concurrent readers wait for this fetch.
-        claimed = [(ref.cid, j) for j in range(first, stop) if (ref.cid, j) not in self._inflight]
-        events = {k: trio.Event() for k in claimed}
-        self._inflight.update(events)
+    async def read_blocks(self, ref: frec.ChunkRef, first: int, stop: int) -> list[bytes]:
+        """Plaintext of sub-blocks ``[first, stop)`` of a chunk, fetched with one
+        ranged GET and each authenticated on its own."""
+        key = fchunks.chunk_key(ref.cid)
+        c_start = first * fchunks.SEALED_BLOCK_SIZE
+        total = fchunks.sealed_size(ref.length)
+        c_end = min(stop * fchunks.SEALED_BLOCK_SIZE, total)
+        # Reading the last block asks for one byte more: an object that was
+        # extended past its recorded length is noticed, not silently cut.
         try:
-            key = fchunks.chunk_key(ref.cid)
-            c_start = first * fchunks.SEALED_BLOCK_SIZE
-            c_end = min(stop * fchunks.SEALED_BLOCK_SIZE, fchunks.sealed_size(ref.length))
-            # Reading the last block asks for one byte more: an object that was
-            # extended past its recorded length is noticed, not silently cut.
-            total = fchunks.sealed_size(ref.length)
-            try:
-                sealed = await self.store.get(key, c_start, c_end + (c_end == total))
-            except ObjectNotFound:
-                raise IntegrityError(f"chunk {key} is missing") from None
-            if len(sealed) > c_end - c_start:
-                raise IntegrityError(f"chunk {key}: longer than its recorded length")
-            if len(sealed) != c_end - c_start:
-                raise IntegrityError(
-                    f"chunk {key}: truncated (got {len(sealed)} of {c_end - c_start} bytes)"
-                )
-            plain = await trio.to_thread.run_sync(
-                fchunks.open_blocks,
-                self._content,
-                self.volume_id,
-                ref.cid,
-                ref.length,
-                first,
-                sealed,
+            sealed = await self.store.get(key, c_start, c_end + (c_end == total))
+        except ObjectNotFound:
+            raise IntegrityError(f"chunk {key} is missing") from None
+        if len(sealed) > c_end - c_start:
+            raise IntegrityError(f"chunk {key}: longer than its recorded length")
+        if len(sealed) != c_end - c_start:
+            raise IntegrityError(
+                f"chunk {key}: truncated (got {len(sealed)} of {c_end - c_start} bytes)"
             )
-            got = {}
-            for j in range(first, stop):
-                off = (j - first) * fchunks.BLOCK_SIZE
-                got[j] = self._blocks[(ref.cid, j)] = plain[off : off + fchunks.BLOCK_SIZE]
-            return got
-        finally:
-            for k, ev in events.items():
-                del self._inflight[k]
-                ev.set()
+        plain = await trio.to_thread.run_sync(
+            fchunks.open_blocks, self._content, self.volume_id, ref.cid, ref.length, first, sealed
+        )
+        bs = fchunks.BLOCK_SIZE
+        return [plain[i : i + bs] for i in range(0, len(plain), bs)]
 
     async def aclose(self) -> None:
         self.save_state()

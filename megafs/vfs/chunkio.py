@@ -1,0 +1,145 @@
+"""Chunk reads and writes for the vfs, through the block cache.
+
+:class:`ChunkIO` sits between file content (:mod:`megafs.vfs.content`) and the
+drive. Reads are served block by block from the :class:`~megafs.vfs.blockcache.
+BlockCache`; missing runs of blocks are fetched with one ranged request each.
+Concurrent readers of the same missing block share one fetch: the first claims the
+block in ``_inflight`` (synchronously, before its first ``await``) and the others
+wait for its event, then look again.
+
+Read-ahead: :meth:`prefetch` fetches a range in the background (bounded by
+``_prefetch_slots``) into the cache, so a streaming reader finds its next blocks
+there. The vfs decides what to prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from megafs.errors import MegafsError
+from megafs.format.records import ChunkRef
+from megafs.vfs.blockcache import BlockCache
+
+log = logging.getLogger(__name__)
+
+
+class ContentDrive(Protocol):
+    """What ChunkIO needs of a drive."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    async def write_chunk(self, plaintext: bytes) -> ChunkRef: ...
+
+    async def read_blocks(self, ref: ChunkRef, first: int, stop: int) -> list[bytes]: ...
+
+
+def _key(ref: ChunkRef, j: int) -> bytes:
+    return ref.cid + j.to_bytes(4, "big")
+
+
+class ChunkIO:
+    """See the module docstring."""
+
+    def __init__(self, drive: ContentDrive, cache: BlockCache, *, prefetch_tasks: int = 4):
+        self.drive = drive
+        self.cache = cache
+        self.bs = drive.block_size
+        self._inflight: dict[bytes, trio.Event] = {}
+        self._prefetch_slots = trio.Semaphore(prefetch_tasks)
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background fetches (read-ahead) run in ``nursery``."""
+        self._nursery = nursery
+
+    async def write_chunk(self, plaintext: bytes) -> ChunkRef:
+        ref = await self.drive.write_chunk(plaintext)
+        # A writer often reads back what it wrote: keep it in memory (not on disk:
+        # that would write every byte twice).
+        for j in range(0, max(1, -(-len(plaintext) // self.bs))):
+            self.cache.put(_key(ref, j), plaintext[j * self.bs : (j + 1) * self.bs], disk=False)
+        return ref
+
+    async def read_chunk(self, ref: ChunkRef, p_start: int, p_end: int) -> bytes:
+        """Plaintext ``[p_start, p_end)`` of a chunk."""
+        p_end = min(p_end, ref.length)
+        if p_start >= p_end:
+            return b""
+        first, stop = p_start // self.bs, -(-p_end // self.bs)
+        blocks = await self._blocks(ref, first, stop)
+        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        off = p_start - first * self.bs
+        return data[off : off + (p_end - p_start)]
+
+    async def _blocks(self, ref: ChunkRef, first: int, stop: int) -> list[bytes]:
+        got: dict[int, bytes] = {}
+        while True:
+            missing: list[int] = []
+            waits: list[trio.Event] = []
+            for j in range(first, stop):
+                if j in got:
+                    continue
+                k = _key(ref, j)
+                b = self.cache.get(k)
+                if b is not None:
+                    got[j] = b
+                elif (ev := self._inflight.get(k)) is not None:
+                    waits.append(ev)
+                else:
+                    missing.append(j)
+            if missing:
+                # Fetch the first run of consecutive missing blocks.
+                run_end = missing[0] + 1
+                while run_end in missing:
+                    run_end += 1
+                got.update(await self._fetch(ref, missing[0], run_end))
+                continue
+            if waits:
+                for ev in waits:
+                    await ev.wait()
+                continue
+            return [got[j] for j in range(first, stop)]
+
+    async def _fetch(self, ref: ChunkRef, first: int, stop: int) -> dict[int, bytes]:
+        keys = [_key(ref, j) for j in range(first, stop)]
+        events = {k: trio.Event() for k in keys if k not in self._inflight}
+        self._inflight.update(events)
+        try:
+            blocks = await self.drive.read_blocks(ref, first, stop)
+            out = {}
+            for j, b in zip(range(first, stop), blocks, strict=True):
+                self.cache.put(_key(ref, j), b)
+                out[j] = b
+            return out
+        finally:
+            for k, ev in events.items():
+                del self._inflight[k]
+                ev.set()
+
+    def prefetch(self, ref: ChunkRef, p_start: int, p_end: int) -> None:
+        """Fetch ``[p_start, p_end)`` of a chunk into the cache in the background,
+        if a slot is free (read-ahead is best effort)."""
+        p_end = min(p_end, ref.length)
+        if self._nursery is None or p_start >= p_end:
+            return
+        first, stop = p_start // self.bs, -(-p_end // self.bs)
+        if all(self.cache.get(_key(ref, j)) is not None for j in (first, stop - 1)):
+            return
+        try:
+            self._prefetch_slots.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        self._nursery.start_soon(self._prefetch, ref, first, stop)
+
+    async def _prefetch(self, ref: ChunkRef, first: int, stop: int) -> None:
+        try:
+            await self._blocks(ref, first, stop)
+        except MegafsError as exc:
+            # The reader will hit (and report) the same error when it gets there.
+            log.debug("read-ahead failed: %s", exc)
+        finally:
+            self._prefetch_slots.release()
