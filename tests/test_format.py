@@ -86,8 +86,17 @@ def test_seal_known_answer_and_fresh_nonces() -> None:
 def test_chunk_id_and_object_keys_known_answers() -> None:
     k = header.derive_keys(MK, VID)
     cid = chunks.chunk_id(k.chunk_id, b"x" * 100)
-    assert cid.hex() == "776beba26a700d897ca0a87147b31c26ce5fde2c4b5afe013d95c249744723ab"
-    assert chunks.chunk_key(cid) == "c/77/" + cid.hex()
+    assert cid.hex() == "8e9abbfc65257b4bc63cd2c23cf22d52d197fd9830ee9284f949cdefbef602f5"
+    assert chunks.chunk_key(cid) == "c/8e/" + cid.hex()
+    # Keyed BLAKE3 itself, from the official BLAKE3 test vectors (keyed_hash,
+    # input lengths 0 and 1, key "whats the Elvish word for friend").
+    elvish = b"whats the Elvish word for friend"
+    assert chunks.chunk_id(elvish, b"").hex() == (
+        "92b2b75604ed3c761f9d6f62392c8a9227ad0ea3f09573e783f1498a4ed60d26"
+    )
+    assert chunks.chunk_id(elvish, b"\x00").hex() == (
+        "6d7878dfff2f485635d39013278ae14f1454b8c0a3a2d34bc1ab38228a80c95b"
+    )
     assert records.object_key(k.object_id, "d", 1) == "d/ed8039fbb36015bc33ee879190077e0d"
     assert records.object_key(k.object_id, "i", 42) == "i/298e2800aa2d1a82d02f51e6d5d58f67"
 

@@ -15,6 +15,7 @@ there. The vfs decides what to prefetch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -32,7 +33,7 @@ class ContentDrive(Protocol):
     @property
     def block_size(self) -> int: ...
 
-    async def write_chunk(self, plaintext: bytes) -> ChunkRef: ...
+    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef: ...
 
     async def read_blocks(self, ref: ChunkRef, first: int, stop: int) -> list[bytes]: ...
 
@@ -56,13 +57,16 @@ class ChunkIO:
         """Background fetches (read-ahead) run in ``nursery``."""
         self._nursery = nursery
 
-    async def write_chunk(self, plaintext: bytes) -> ChunkRef:
-        ref = await self.drive.write_chunk(plaintext)
-        # A writer often reads back what it wrote: keep it in memory (not on disk:
-        # that would write every byte twice).
-        for j in range(0, max(1, -(-len(plaintext) // self.bs))):
-            self.cache.put(_key(ref, j), plaintext[j * self.bs : (j + 1) * self.bs], disk=False)
-        return ref
+    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
+        # Not cached: the kernel's page cache holds what was just written.
+        return await self.drive.write_chunk(plaintext)
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run ``fn(*args)`` in the background; False if there is no nursery yet."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
 
     async def read_chunk(self, ref: ChunkRef, p_start: int, p_end: int) -> bytes:
         """Plaintext ``[p_start, p_end)`` of a chunk."""

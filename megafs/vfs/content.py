@@ -17,13 +17,19 @@ Invariants (with the lock released):
 
 from __future__ import annotations
 
+import logging
 from typing import Final
+
+import trio
 
 from megafs.format.chunks import CHUNK_SIZE
 from megafs.vfs.chunkio import ChunkIO
 from megafs.vfs.node import Node
 
 INLINE_MAX: Final = 4096
+MAX_FLUSHING: Final = 2
+_ZEROS = memoryview(bytes(CHUNK_SIZE))
+log = logging.getLogger(__name__)
 
 
 def _zeros(n: int) -> bytes:
@@ -84,7 +90,8 @@ def _uninline(node: Node) -> None:
 
 
 async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
-    """Write ``data`` at ``off``; full chunks that the write completed are uploaded."""
+    """Write ``data`` at ``off``. Chunks the write completes are stored in the
+    background (at most ``MAX_FLUSHING`` per file at once)."""
     r = node.record
     _uninline(node)
     view = memoryview(data)
@@ -96,6 +103,8 @@ async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
         base = i * CHUNK_SIZE
         lo = pos - base
         n = min(CHUNK_SIZE - lo, end - pos)
+        if (ev := node.flushing.get(i)) is not None:
+            await ev.wait()  # a chunk being stored is never changed under it
         buf = node.dirty.get(i)
         if buf is None:
             ref = r.chunks.get(i)
@@ -113,10 +122,36 @@ async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
     if end > r.size:
         r.size = end
     for i in full:
+        while len(node.flushing) >= MAX_FLUSHING:
+            await next(iter(node.flushing.values())).wait()
+        if i in node.dirty and i not in node.flushing:
+            if not vol.spawn(_background_store, vol, node, i):
+                await flush_chunk(vol, node, i)
+
+
+async def _background_store(vol: ChunkIO, node: Node, i: int) -> None:
+    ev = node.flushing[i] = trio.Event()
+    try:
         await flush_chunk(vol, node, i)
+    except Exception as exc:
+        node.flush_error = exc
+    finally:
+        del node.flushing[i]
+        ev.set()
+
+
+async def wait_flushing(node: Node) -> None:
+    """Wait for the node's background stores; raise the error of a failed one (its
+    data is still dirty: the caller's flush stores it again)."""
+    while node.flushing:
+        await next(iter(node.flushing.values())).wait()
+    if node.flush_error is not None:
+        exc, node.flush_error = node.flush_error, None
+        log.warning("storing a chunk in the background failed (retrying): %s", exc)
 
 
 async def truncate(vol: ChunkIO, node: Node, size: int) -> None:
+    await wait_flushing(node)
     r = node.record
     _uninline(node)
     if size < r.size:
@@ -136,18 +171,21 @@ async def truncate(vol: ChunkIO, node: Node, size: int) -> None:
 async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
     buf = node.dirty[i]
     valid = max(0, min(len(buf), node.record.size - i * CHUNK_SIZE))
-    data = bytes(buf[:valid])
-    if data.count(0) == len(data):
+    if valid < len(buf):
+        del buf[valid:]
+    if buf == _ZEROS[:valid]:
         node.record.chunks.pop(i, None)
     else:
-        node.record.chunks[i] = await vol.write_chunk(data)
-    # The buffer may have been replaced only under the lock we hold.
+        # No copy: nothing changes this buffer until it leaves ``dirty`` (writers
+        # of this chunk wait for ``flushing``; everything else holds the lock).
+        node.record.chunks[i] = await vol.write_chunk(buf)
     del node.dirty[i]
 
 
 async def flush(vol: ChunkIO, node: Node) -> None:
     """Store every dirty buffer (small files go inline). Afterwards the record
     describes the whole content, all of it stored, and ``saved`` is None."""
+    await wait_flushing(node)
     r = node.record
     if r.size <= INLINE_MAX and set(r.chunks) | set(node.dirty) <= {0}:
         if r.inline is None:

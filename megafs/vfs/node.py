@@ -70,6 +70,11 @@ class Node:
     # chunk it names is stored, so it is what a metadata commit writes. ``None``
     # means "same as the record" (nothing changed since).
     saved: Saved | None = None
+    # Full chunks being stored in the background (chunk index -> set when done);
+    # their buffers stay in ``dirty`` (unchanged) until then. A background store
+    # that failed leaves its buffer dirty and its error here for the next flush.
+    flushing: dict[int, trio.Event] = field(default_factory=dict)
+    flush_error: Exception | None = None
     last_write: float = 0.0
     content_lock: trio.Lock = field(default_factory=trio.Lock)
     lookups: int = 0

@@ -257,7 +257,7 @@ class Volume:
 
     block_size: Final = fchunks.BLOCK_SIZE
 
-    async def write_chunk(self, plaintext: bytes) -> frec.ChunkRef:
+    async def write_chunk(self, plaintext: bytes | bytearray) -> frec.ChunkRef:
         """Store a chunk (once per volume) and return its reference."""
         cid = await trio.to_thread.run_sync(fchunks.chunk_id, self.keys.chunk_id, plaintext)
         ref = frec.ChunkRef(cid, len(plaintext))
