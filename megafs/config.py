@@ -49,6 +49,9 @@ class MountOptions:
     cache_size: int | None = None  # bytes; None: a share of the free disk space
     staging_size: int | None = None  # bytes; None: a share of the free disk space
     fsync_remote: bool = False
+    # Benchmarks/tests: make the store behave like a distant one.
+    store_latency: float = 0.0
+    store_bandwidth: int = 0
 
     def cache_max_bytes(self, where: Path) -> int:
         """The block cache cap: ``cache_size=``, or a quarter of the free space
@@ -117,6 +120,13 @@ def parse_options(specs: list[str]) -> MountOptions:
                     raise UsageError(f"commit_interval={value}: not a number") from None
                 if not 0 < opts.commit_interval <= 3600:
                     raise UsageError("commit_interval must be between 0 and 3600 seconds")
+            elif name == "store_latency" and value:
+                try:
+                    opts.store_latency = float(value)
+                except ValueError:
+                    raise UsageError(f"store_latency={value}: not a number of seconds") from None
+            elif name == "store_bandwidth" and value:
+                opts.store_bandwidth = parse_size(value, name)
             elif name in ("cache_size", "staging_size") and value:
                 setattr(opts, name, parse_size(value, name))
             elif name == "fsync" and value in ("local", "remote"):

@@ -6,6 +6,7 @@
     ├── StoreError                  an object store failed
     │   ├── ObjectNotFound          the key does not exist
     │   ├── PreconditionFailed      a conditional put lost (If-None-Match / If-Match)
+    │   ├── NoSpace                 a local disk (store, staging area) is full -> ENOSPC
     │   └── StoreUnavailable        unreachable, timed out, throttled: may succeed later
     ├── VolumeError                 a volume cannot be opened
     │   ├── NotAVolume              no header / not a megafs header
@@ -41,6 +42,10 @@ class ObjectNotFound(StoreError):
 
 class PreconditionFailed(StoreError):
     """A conditional write was refused because the precondition did not hold."""
+
+
+class NoSpace(StoreError):
+    """A local disk (a local store or the staging area) is full."""
 
 
 class StoreUnavailable(StoreError):
@@ -83,6 +88,8 @@ def errno_for(exc: BaseException) -> int:
     """The errno a filesystem caller should see for ``exc`` (EIO when unknown)."""
     if isinstance(exc, FsError):
         return exc.errno
+    if isinstance(exc, NoSpace):
+        return _errno.ENOSPC
     if isinstance(exc, ObjectNotFound):
         # A referenced object that vanished is damage, not "no such file".
         return _errno.EIO

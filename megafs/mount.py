@@ -33,6 +33,7 @@ from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
 from megafs.stores import LocalStore, open_store
 from megafs.stores.staging import StagingStore
+from megafs.testing.slow import SlowStore
 from megafs.vfs.blockcache import BlockCache
 from megafs.vfs.fs import Vfs
 from megafs.volume.drive import Volume
@@ -134,6 +135,8 @@ async def serve(
         store = open_store(store_url)
         if isinstance(store, LocalStore) and not store.root.is_dir():
             raise MountError(f"store {store_url} does not exist")
+        if opts.store_latency or opts.store_bandwidth:
+            store = SlowStore(store, latency=opts.store_latency, bandwidth=opts.store_bandwidth)
         volume = await Volume.open(
             store, passphrase, state_root=opts.cache_dir, read_only=opts.read_only
         )

@@ -47,7 +47,7 @@ from typing import final
 
 import trio
 
-from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError
+from megafs.errors import NoSpace, ObjectNotFound, PreconditionFailed, StoreError
 from megafs.stores.base import ObjectInfo
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
@@ -91,7 +91,8 @@ def _etag(st: os.stat_result) -> str:
 
 def _error(exc: OSError, op: str, key: str) -> StoreError:
     code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
-    return StoreError(f"local store: cannot {op} {key!r}: {exc.strerror or exc} [{code}]")
+    kind = NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+    return kind(f"local store: cannot {op} {key!r}: {exc.strerror or exc} [{code}]")
 
 
 def _missing(key: str) -> ObjectNotFound:

@@ -31,6 +31,7 @@ never wait for the network, only for back-pressure (``max_pending_bytes``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -43,7 +44,7 @@ from typing import Final, final
 
 import trio
 
-from megafs.errors import ObjectNotFound, StoreError
+from megafs.errors import NoSpace, ObjectNotFound, StoreError
 from megafs.stores.base import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -183,14 +184,19 @@ class StagingStore:
 
         def write() -> None:
             tmp = self.directory / f".tmp-{seq:016x}"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
 
         try:
             await trio.to_thread.run_sync(write)
         except OSError as exc:
-            raise StoreError(f"staging {key}: {exc.strerror or exc}") from exc
+            kind = NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+            raise kind(f"staging area {self.directory}: {exc.strerror or exc}") from exc
         entry = _Entry(seq, key, op == b"D", len(data), path)
         self._add(entry)
         return entry

@@ -1,0 +1,61 @@
+"""A store wrapper that behaves like a distant one: per-request latency and a shared
+bandwidth limit. For benchmarks and tests (``-o store_latency=,store_bandwidth=``),
+so behaviour against a real cloud store can be measured on one machine."""
+
+from __future__ import annotations
+
+from typing import Final, final
+
+import trio
+
+from megafs.stores.base import ObjectInfo, ObjectStore
+
+
+@final
+class SlowStore:
+    """Every request waits ``latency`` seconds; bodies (both directions) share one
+    link of ``bandwidth`` bytes per second (0: unlimited), transferred in order."""
+
+    def __init__(self, inner: ObjectStore, *, latency: float, bandwidth: float = 0.0) -> None:
+        self.inner: Final = inner
+        self.latency = latency
+        self.bandwidth = bandwidth
+        self._link_free = 0.0
+
+    async def _transfer(self, nbytes: int) -> None:
+        await trio.sleep(self.latency)
+        if self.bandwidth > 0 and nbytes:
+            now = trio.current_time()
+            start = max(now, self._link_free)
+            self._link_free = start + nbytes / self.bandwidth
+            await trio.sleep_until(self._link_free)
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        data = await self.inner.get(key, start, end)
+        await self._transfer(len(data))
+        return data
+
+    async def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        await self._transfer(len(data))
+        return await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
+
+    async def delete(self, key: str) -> None:
+        await self._transfer(0)
+        await self.inner.delete(key)
+
+    async def head(self, key: str) -> ObjectInfo:
+        await self._transfer(0)
+        return await self.inner.head(key)
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        await self._transfer(0)
+        return await self.inner.list(prefix)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
