@@ -17,6 +17,7 @@ import trio
 
 import megafs
 from megafs.errors import (
+    NoSpace,
     ObjectNotFound,
     PreconditionFailed,
     StoreError,
@@ -242,7 +243,7 @@ def test_local_store_os_error_mapping(tmp_path: Path, monkeypatch: pytest.Monkey
         with pytest.raises(StoreError) as info:
             await store.put("k/obj", b"new")
         monkeypatch.undo()
-        assert type(info.value) is StoreError
+        assert type(info.value) is NoSpace  # ENOSPC: the writer sees ENOSPC, not EIO
         message = str(info.value)
         assert "'k/obj'" in message and "ENOSPC" in message and "\n" not in message
         assert await store.get("k/obj") == b"old"
