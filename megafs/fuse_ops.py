@@ -224,8 +224,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        if not self.vfs.read_only:
-            await self.vfs.commit()
+        await self.vfs.fsyncdir()
 
     @_guard
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -14,6 +14,8 @@ and :meth:`Vfs.close` makes the final flush and commit before the process exits.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -108,12 +110,38 @@ class _Ops(Operations):
         self._status = status
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if name == b"security.capability":
+            # Asked before every write and setattr (kill-priv checks); never stored.
+            raise pyfuse3.FUSEError(errno.ENODATA)
         if inode == pyfuse3.ROOT_INODE:
             if name == PID_XATTR:
                 return str(os.getpid()).encode()
             if name == STATUS_XATTR:
                 return json.dumps(self._status()).encode()
         return await super().getxattr(inode, name, ctx)
+
+
+def _lock_local_state(local: Path) -> int:
+    """Lock the volume's local state (staging area, block cache) for this process,
+    or raise :class:`MountError` if another process holds it: two daemons must never
+    replay one staging area. After an unmount the old daemon keeps the lock while it
+    uploads what is still staged. Returns the lock's fd; the lock goes with it (or
+    with the process, however it ends)."""
+    local.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(local / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise MountError(
+            f"this volume's local state in {local} is in use by megafs process {holder} "
+            "(mounted elsewhere, or still uploading after an unmount); wait for it to "
+            "exit, or stop it: what it has not uploaded, the next mount uploads"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def _is_barrier(key: str) -> bool:
@@ -142,20 +170,22 @@ async def serve(
         )
         local = opts.cache_dir / volume.volume_id.hex()
         staging = None
-        if not opts.read_only:
-            staging = StagingStore(
-                store,
-                local / "staging",
-                is_barrier=_is_barrier,
-                max_pending_bytes=opts.staging_max_bytes(local),
-            )
-            volume.store = staging
+        lock = None if opts.read_only else _lock_local_state(local)
         cache = BlockCache(
             local / "blocks",
             volume.keys.cache,
             volume.volume_id,
             max_bytes=opts.cache_max_bytes(local),
         )
+        if not opts.read_only:
+            staging = StagingStore(
+                store,
+                local / "staging",
+                is_barrier=_is_barrier,
+                max_pending_bytes=opts.staging_max_bytes(local),
+                on_full=cache.make_room,  # staged changes come before cached copies
+            )
+            volume.store = staging
         vfs = Vfs(
             volume,
             read_only=opts.read_only,
@@ -202,6 +232,8 @@ async def serve(
             await _drain(staging)
         await volume.aclose()
         outer.cancel_scope.cancel()
+    if lock is not None:
+        os.close(lock)
     if staging is None or not staging.pending_count:
         log.info("unmounted %s, everything committed", mountpoint)
     else:

@@ -13,6 +13,9 @@ Order. Every staged operation gets a sequence number. Operations on keys for whi
 uploaded concurrently and in any order. A barrier operation (metadata objects and
 deletions) is uploaded only after every operation staged before it is on the remote
 store. So the remote store never holds metadata that references a chunk it lacks.
+Non-barrier objects are immutable and named by their content, so one the remote
+store has already (same key and size) is not uploaded again (dedup, off the write
+path).
 
 Durability. Staged files are written to a temporary name and renamed, so a killed
 process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
@@ -31,6 +34,7 @@ never wait for the network, only for back-pressure (``max_pending_bytes``).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -50,6 +54,7 @@ from megafs.stores.base import ObjectInfo, ObjectStore
 log = logging.getLogger(__name__)
 
 _MAGIC: Final = b"MFS1"
+INLINE_IO_MAX: Final = 256 * 1024
 _HEAD = struct.Struct(">4scH")
 
 
@@ -88,6 +93,21 @@ def _decode(blob: bytes) -> tuple[bool, str, bytes] | None:
     return op == b"D", key, data
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(directory: Path) -> bool:
+    """syncfs(2) on the filesystem holding ``directory``; False if unavailable."""
+    fn = getattr(_libc, "syncfs", None)
+    if fn is None:
+        return False
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return int(fn(fd)) == 0
+    finally:
+        os.close(fd)
+
+
 def _payload(blob: bytes) -> bytes:
     decoded = _decode(blob)
     if decoded is None:
@@ -107,10 +127,14 @@ class StagingStore:
         is_barrier: Callable[[str], bool],
         max_pending_bytes: int = 1 << 30,
         concurrency: int = 8,
+        on_full: Callable[[], bool] | None = None,
     ) -> None:
         self.remote = remote
         self.directory = directory
         self._is_barrier = is_barrier
+        # Called when the disk is full: frees space if it can (e.g. evicts a cache
+        # on the same disk) and says whether it did; then the write is tried again.
+        self._on_full = on_full
         self.max_pending_bytes = max_pending_bytes
         self.concurrency = concurrency
         self._entries: dict[str, _Entry] = {}
@@ -192,11 +216,19 @@ class StagingStore:
                 tmp.unlink(missing_ok=True)
                 raise
 
-        try:
-            await trio.to_thread.run_sync(write)
-        except OSError as exc:
-            kind = NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
-            raise kind(f"staging area {self.directory}: {exc.strerror or exc}") from exc
+        while True:
+            try:
+                if len(blob) <= INLINE_IO_MAX:
+                    write()  # a small write to the page cache costs less than a thread hop
+                else:
+                    await trio.to_thread.run_sync(write)
+                break
+            except OSError as exc:
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                if full and self._on_full is not None and self._on_full():
+                    continue
+                kind = NoSpace if full else StoreError
+                raise kind(f"staging area {self.directory}: {exc.strerror or exc}") from exc
         entry = _Entry(seq, key, op == b"D", len(data), path)
         self._add(entry)
         return entry
@@ -270,6 +302,8 @@ class StagingStore:
             return
 
         def fsync_all() -> None:
+            if len(todo) > 8 and _syncfs(self.directory):
+                return  # one syncfs beats thousands of fsyncs
             for e in todo:
                 try:
                     fd = os.open(e.path, os.O_RDONLY)
@@ -330,6 +364,14 @@ class StagingStore:
                 if not started:
                     await self._wait_change()
 
+    async def _on_remote(self, e: _Entry) -> bool:
+        if self._is_barrier(e.key):
+            return False
+        try:
+            return (await self.remote.head(e.key)).size == e.size
+        except ObjectNotFound:
+            return False
+
     async def _upload(self, e: _Entry, limit: trio.Semaphore, in_flight: set[int]) -> None:
         delay = 0.2
         try:
@@ -337,6 +379,8 @@ class StagingStore:
                 try:
                     if e.delete:
                         await self.remote.delete(e.key)
+                    elif await self._on_remote(e):
+                        pass  # an immutable object the remote store has already
                     else:
                         blob = await trio.to_thread.run_sync(e.path.read_bytes)
                         etag = await self.remote.put(e.key, _payload(blob))

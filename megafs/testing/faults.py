@@ -25,7 +25,9 @@ class FaultyStore:
 
     Knobs and logs (plain attributes; set or inspect them freely):
 
-    * :attr:`delay` -- seconds slept (``trio.sleep``) before every operation.
+    * :attr:`delay` -- seconds slept before every operation. A change applies to
+      operations already waiting too (measured from their start): setting it back to
+      0 releases a stalled caller at once.
     * :attr:`corrupt_gets` -- keys whose ``get`` returns the bytes with the middle byte
       XOR-ed with ``0x01`` (an empty result stays empty).
     * :attr:`truncate_gets` -- keys whose ``get`` returns only the first half of the
@@ -36,7 +38,8 @@ class FaultyStore:
 
     def __init__(self, inner: ObjectStore) -> None:
         self.inner: Final = inner
-        self.delay: float = 0.0
+        self._delay = 0.0
+        self._delay_changed = trio.Event()
         self.corrupt_gets: set[str] = set()
         self.truncate_gets: set[str] = set()
         self.calls: collections.Counter[str] = collections.Counter()
@@ -60,16 +63,28 @@ class FaultyStore:
             raise ValueError(f"count must be at least 1, not {count}")
         self._faults[op].extend([exc] * count)
 
+    @property
+    def delay(self) -> float:
+        return self._delay
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        self._delay = seconds
+        self._delay_changed.set()
+        self._delay_changed = trio.Event()
+
     def pending_faults(self, op: str) -> int:
         """How many armed faults ``op`` has not consumed yet."""
         return len(self._faults[op])
 
     async def _enter(self, op: str) -> None:
         self.calls[op] += 1
-        if self.delay > 0:
-            await trio.sleep(self.delay)
-        else:
-            await trio.lowlevel.checkpoint()
+        start = trio.current_time()
+        await trio.lowlevel.checkpoint()
+        while trio.current_time() < start + self._delay:
+            changed = self._delay_changed
+            with trio.move_on_at(start + self._delay):
+                await changed.wait()
         faults = self._faults[op]
         if faults:
             raise faults.popleft()

@@ -9,8 +9,11 @@ refetches from the store, and a damaged cache never serves wrong bytes.
 
 The cap holds on every insert: least recently used blocks are evicted first. Only
 clean data lives here (dirty data is in the staging area), so anything may be
-evicted, including blocks of open files. A small in-memory LRU of plaintext blocks
-sits in front (``memory_bytes``), for blocks read again right away.
+evicted, including blocks of open files. The cache gives way on a full disk: when
+its own write fails for lack of space, or when the staging area on the same disk
+asks (:meth:`BlockCache.make_room`), it halves its cap for the rest of the mount.
+A small in-memory LRU of plaintext blocks sits in front (``memory_bytes``), for
+blocks read again right away.
 
 All methods are synchronous: each touches one small file (tens of KiB), which is
 cheaper inline than a thread hop. The index (``_index``, LRU order) is only changed
@@ -19,6 +22,7 @@ in these methods, so no ``await`` ever splits an update.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
@@ -136,12 +140,25 @@ class BlockCache:
             os.replace(tmp, path)
         except OSError as exc:
             # A full or failing cache disk costs speed, never correctness.
-            log.warning("block cache: cannot write %s: %s", path, exc)
             tmp.unlink(missing_ok=True)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.make_room():
+                log.warning("block cache: cannot write %s: %s", path, exc)
             return
         self._index[name] = len(blob)
         self.bytes += len(blob)
         self._evict()
+
+    def make_room(self) -> bool:
+        """The disk is full: halve the cap (for the rest of the mount) and evict down
+        to it. False if there was nothing to evict."""
+        if not self._index:
+            return False
+        self.max_bytes = self.bytes // 2
+        self._evict()
+        log.warning(
+            "block cache: the disk is full; cache cut to %.1f MiB", self.max_bytes / (1 << 20)
+        )
+        return True
 
     def _ad(self, name: str) -> bytes:
         return context(KIND_CACHE, self._volume_id, "block/" + name)

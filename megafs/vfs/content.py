@@ -125,12 +125,16 @@ async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
         while len(node.flushing) >= MAX_FLUSHING:
             await next(iter(node.flushing.values())).wait()
         if i in node.dirty and i not in node.flushing:
-            if not vol.spawn(_background_store, vol, node, i):
+            # Claimed here, before the task first runs: from now on writers of this
+            # chunk and flush() wait for it instead of storing it a second time.
+            ev = node.flushing[i] = trio.Event()
+            if not vol.spawn(_background_store, vol, node, i, ev):
+                del node.flushing[i]
+                ev.set()
                 await flush_chunk(vol, node, i)
 
 
-async def _background_store(vol: ChunkIO, node: Node, i: int) -> None:
-    ev = node.flushing[i] = trio.Event()
+async def _background_store(vol: ChunkIO, node: Node, i: int, ev: trio.Event) -> None:
     try:
         await flush_chunk(vol, node, i)
     except Exception as exc:

@@ -17,6 +17,8 @@ Concurrency rules (trio, one thread):
   rest, then deletes objects that nothing references any more. Chunks are always
   stored before a record that references them is sealed (records only ever hold
   uploaded chunk references), so the store never references a missing object.
+  Last it makes the staging area durable, then saves the rollback table (never
+  the other way round: the table must not record versions a power loss can undo).
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class Vfs:
         self._dirty_inodes: set[int] = set()
         self._dirty_content: set[int] = set()
         self._deletions: list[str] = []
+        self._dirty_total = 0  # bytes in unstaged buffers (see _account)
         self._commit_lock = trio.Lock()
         self.errors = 0
 
@@ -333,6 +336,7 @@ class Vfs:
             self._dirty_content.discard(node.ino)
             self._dirty_inodes.discard(node.ino)
             node.dirty.clear()
+            self._account(node)
 
     def _unlink_node(self, d: Node, name: bytes, node: Node) -> None:
         """Remove entry ``name`` (pointing at ``node``) from ``d``. Synchronous."""
@@ -418,6 +422,7 @@ class Vfs:
                 await content.truncate(self.io, node, size)
                 await content.flush(self.io, node)
             self._dirty_content.discard(ino)
+            self._account(node)
             r.mtime_ns = _now()
         if mode is not None:
             r.mode = (r.mode & ~0o7777) | (mode & 0o7777)
@@ -707,9 +712,9 @@ class Vfs:
             node.last_write = trio.current_time()
             if node.dirty:
                 self._dirty_content.add(node.ino)
+            self._account(node)
             self._dirty_record(node)
-        if sum(len(b) for n in self._dirty_nodes() for b in n.dirty.values()) > DIRTY_BYTES_MAX:
-            await self._flush_node(node)
+        await self._limit_dirty()
         return len(data)
 
     def _dirty_nodes(self) -> Iterator[Node]:
@@ -726,10 +731,32 @@ class Vfs:
                 await content.flush(self.io, node)
                 self._dirty_record(node)
             self._dirty_content.discard(node.ino)
+            self._account(node)
 
     async def flush(self, fh: int) -> None:
-        _, node = self._handle(fh)
-        if node.dirty:
+        """close() waits for nothing: the content is staged by the next commit
+        (within ``commit_interval``), or by fsync."""
+        self._handle(fh)
+        await self._limit_dirty()
+
+    def _account(self, node: Node) -> None:
+        """Update the running total of unstaged buffer bytes for ``node``."""
+        now = sum(len(b) for b in node.dirty.values())
+        self._dirty_total += now - node.counted
+        node.counted = now
+
+    async def _limit_dirty(self) -> None:
+        """Back-pressure: past DIRTY_BYTES_MAX of unstaged buffers, the caller
+        stages files until under it again. (Background chunk stores shrink buffers
+        without telling: the total is recounted exactly before acting on it.)"""
+        if self._dirty_total <= DIRTY_BYTES_MAX:
+            return
+        for n in list(self._dirty_nodes()):
+            self._account(n)
+        while self._dirty_total > DIRTY_BYTES_MAX:
+            node = max(self._dirty_nodes(), key=lambda n: n.counted, default=None)
+            if node is None:
+                return
             await self._flush_node(node)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
@@ -737,11 +764,20 @@ class Vfs:
         _, node = self._handle(fh)
         if not self.read_only:
             await self._flush_node(node)
-            await self.commit()
-            if self.writeback is not None:
-                await self.writeback.sync()
-                if self.fsync_remote:
-                    await self.writeback.wait_idle()
+            await self._commit_durably()
+
+    async def fsyncdir(self) -> None:
+        """Like :meth:`fsync`, for the namespace: every change to directories is
+        durable on local disk when this returns (on the store with fsync_remote)."""
+        if not self.read_only:
+            await self._commit_durably()
+
+    async def _commit_durably(self) -> None:
+        await self.commit()
+        if self.writeback is not None:
+            await self.writeback.sync()
+            if self.fsync_remote:
+                await self.writeback.wait_idle()
 
     async def release(self, fh: int) -> None:
         h, node = self._handle(fh)
@@ -749,8 +785,6 @@ class Vfs:
         if h.flags & os.O_DIRECTORY:
             return
         node.opens -= 1
-        if node.dirty and node.record.nlink > 0:
-            await self._flush_node(node)
         self._maybe_drop(node)
 
     async def releasedir(self, fh: int) -> None:
@@ -841,6 +875,11 @@ class Vfs:
                     dirty.add(node.ino)
                 self._deletions = deletions + self._deletions
                 raise
+            if self.writeback is not None:
+                # The rollback table (saved durably) must not get ahead of the
+                # staging area: a version it records but a power loss took away
+                # would read as a rollback at the next mount.
+                await self.writeback.sync()
             self.volume.save_state()
 
     async def _put_all(self, batch: list[tuple[SealedObject, Node]]) -> None:

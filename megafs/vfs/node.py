@@ -75,6 +75,7 @@ class Node:
     # that failed leaves its buffer dirty and its error here for the next flush.
     flushing: dict[int, trio.Event] = field(default_factory=dict)
     flush_error: Exception | None = None
+    counted: int = 0  # this node's share of Vfs._dirty_total
     last_write: float = 0.0
     content_lock: trio.Lock = field(default_factory=trio.Lock)
     lookups: int = 0
