@@ -11,6 +11,7 @@
 #   FSBENCH_DIR  shared bench dir (default: ../../../shared/bench relative to
 #                this file's real location, i.e. /work/shared/bench)
 #   MEGAFS_BIN   megafs executable (default: <project>/.venv/bin/megafs)
+#   MEGAFS_MOUNT_OPTS  extra -o options, e.g. store_latency=0.02,store_bandwidth=50M
 #
 # Volume: megafs init $FSB_ROOT/backend/megafs-local (fixed bench passphrase
 # in MEGAFS_PASSPHRASE), cache: $FSB_STATE/cache (-o cache_dir=, emptied by
@@ -68,7 +69,7 @@ t_version() {
 
 t_settings() {
   echo "megafs init $MF_STORE (local directory store; MEGAFS_PASSPHRASE fixed bench passphrase);"
-  echo "mount: $MEGAFS_BIN mount $MF_STORE MNT --foreground -o cache_dir=$MF_CACHE (other options default);"
+  echo "mount: $MEGAFS_BIN mount $MF_STORE MNT --foreground -o cache_dir=$MF_CACHE${MEGAFS_MOUNT_OPTS:+,$MEGAFS_MOUNT_OPTS} (other options default);"
   echo "umount: megafs umount MNT (flushes to the store), fallback fusermount3 -u;"
   if mf_can_wait_idle; then
     echo "settle: megafs status MNT --wait-idle (includes CLI start-up)"
@@ -97,7 +98,7 @@ t_mount() {
   mkdir -p "$mnt" "$MF_CACHE"
   echo "--- $(date +%T) mount $mnt" >> "$MF_LOG"
   MEGAFS_PASSPHRASE=$MF_PASS "$MEGAFS_BIN" mount "$MF_STORE" "$mnt" --foreground \
-    -o "cache_dir=$MF_CACHE" >> "$MF_LOG" 2>&1 < /dev/null &
+    -o "cache_dir=$MF_CACHE${MEGAFS_MOUNT_OPTS:+,$MEGAFS_MOUNT_OPTS}" >> "$MF_LOG" 2>&1 < /dev/null &
   pid=$!
   echo "$pid" > "$MF_PID"
   if ! wait_mounted "$mnt" "$pid"; then
