@@ -126,7 +126,7 @@ class StagingStore:
         *,
         is_barrier: Callable[[str], bool],
         max_pending_bytes: int = 1 << 30,
-        concurrency: int = 8,
+        concurrency: int = 32,
         on_full: Callable[[], bool] | None = None,
     ) -> None:
         self.remote = remote
