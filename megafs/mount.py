@@ -110,9 +110,12 @@ class _Ops(Operations):
         self._status = status
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if name == b"security.capability":
-            # Asked before every write and setattr (kill-priv checks); never stored.
-            raise pyfuse3.FUSEError(errno.ENODATA)
+        if name.startswith((b"security.", b"system.")):
+            # Namespaces megafs does not store (setxattr refuses them too). Asked
+            # for by the kernel before every write and setattr (kill-priv checks)
+            # and by ls for every file: answered here without any further work.
+            # EOPNOTSUPP (not ENODATA) tells ls to stop asking on this filesystem.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if inode == pyfuse3.ROOT_INODE:
             if name == PID_XATTR:
                 return str(os.getpid()).encode()

@@ -749,6 +749,17 @@ def test_xattrs(fs: Driver) -> None:
     assert fs.listxattr("f") == ["user.two"]
 
 
+def test_unsupported_xattr_namespaces(fs: Driver) -> None:
+    """security.* and system.* are not stored: EOPNOTSUPP for reads too, which is
+    also what lets ls stop asking for SELinux labels and ACLs file by file."""
+    touch(fs, "f")
+    for name in ("security.selinux", "security.capability", "system.posix_acl_access"):
+        assert errno_of(fs.getxattr, "f", name) == errno.EOPNOTSUPP
+    assert errno_of(fs.setxattr, "f", "security.selinux", b"x") == errno.EOPNOTSUPP
+    fs.setxattr("f", "user.ok", b"1")
+    assert fs.getxattr("f", "user.ok") == b"1"
+
+
 def test_xattr_create_replace_flags(fs: Driver) -> None:
     touch(fs, "f")
     assert errno_of(fs.setxattr, "f", "user.x", b"1", XATTR_REPLACE) == errno.ENODATA
