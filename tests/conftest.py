@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import subprocess
@@ -113,15 +114,21 @@ def new_mount(tmp_path: Path, name: str = "m", options: list[str] | None = None)
     )
 
 
-@pytest.fixture
-def mount(tmp_path: Path) -> Iterator[Mount]:
-    """A fresh volume mounted through FUSE; the daemon log must stay clean."""
+@contextlib.contextmanager
+def serving(m: Mount) -> Iterator[Mount]:
+    """Run ``m`` for the block; afterwards its daemon log must be clean."""
     if not fuse_available:
         pytest.skip("/dev/fuse is not usable here")
-    m = new_mount(tmp_path)
     m.start()
     try:
         yield m
     finally:
         m.stop()
     m.assert_clean_log()
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Mount]:
+    """A fresh volume mounted through FUSE; the daemon log must stay clean."""
+    with serving(new_mount(tmp_path)) as m:
+        yield m

@@ -91,6 +91,12 @@ class BlockCache:
         assert self.directory is not None
         return self.directory / name[:2] / name
 
+    def has(self, key: bytes) -> bool:
+        """Whether ``key`` is cached (no read, no statistics, no LRU update)."""
+        return key in self._memory or (
+            self.directory is not None and self._name(key) in self._index
+        )
+
     def get(self, key: bytes) -> bytes | None:
         data = self._memory.get(key)
         if data is not None:

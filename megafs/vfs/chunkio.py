@@ -131,7 +131,7 @@ class ChunkIO:
         if self._nursery is None or p_start >= p_end:
             return
         first, stop = p_start // self.bs, -(-p_end // self.bs)
-        if all(self.cache.get(_key(ref, j)) is not None for j in (first, stop - 1)):
+        if all(self.cache.has(_key(ref, j)) for j in (first, stop - 1)):
             return
         try:
             self._prefetch_slots.acquire_nowait()

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-from conftest import PASSPHRASE, TEST_KDF, Mount, fuse_available, new_mount
+from conftest import PASSPHRASE, TEST_KDF, Mount, new_mount, serving
 
 from megafs.errors import FsError
 from megafs.mount import mounted_at
@@ -795,15 +795,8 @@ def suite_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     Starting and stopping a daemon costs about 0.7 s, which per test would more
     than double the suite's runtime; each test gets a fresh directory of this mount
     instead (see :func:`fs`), and the daemon log is checked after every test."""
-    if not fuse_available:
-        pytest.skip("/dev/fuse is not usable here")
-    m = new_mount(tmp_path_factory.mktemp("posix"), "suite")
-    m.start()
-    try:
+    with serving(new_mount(tmp_path_factory.mktemp("posix"), "suite")) as m:
         yield m
-    finally:
-        m.stop()
-    m.assert_clean_log()
 
 
 @pytest.fixture(params=["vfs", "mount"])

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, fuse_available, new_mount
+from conftest import Mount, new_mount, serving
 from drivers import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -1078,15 +1078,8 @@ def test_changes_after_remount_survive_remount(fs: Driver) -> None:
 @pytest.fixture
 def allow_other_mount(tmp_path: Path) -> Iterator[Mount]:
     """A mount with ``allow_other``, so users other than root may use it."""
-    if not fuse_available:
-        pytest.skip("/dev/fuse is not usable here")
-    m = new_mount(tmp_path, "shared", options=["allow_other"])
-    m.start()
-    try:
+    with serving(new_mount(tmp_path, "shared", options=["allow_other"])) as m:
         yield m
-    finally:
-        m.stop()
-    m.assert_clean_log()
 
 
 def as_nobody(cwd: Path, code: str) -> Any:
