@@ -17,6 +17,7 @@ import trio
 
 from megafs.mount import mounted_at
 from megafs.stores import LocalStore
+from megafs.testing.megaemu.process import EmulatorProcess, start_emulator
 from megafs.volume.drive import Volume
 
 faulthandler.enable()
@@ -41,17 +42,19 @@ def make_volume(store_dir: Path, passphrase: str = PASSPHRASE) -> Path:
 class Mount:
     """A megafs daemon serving ``store`` at ``path``."""
 
-    store: Path
+    store: Path | str
     path: Path
     cache: Path
     log: Path
     options: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    passphrase: str = PASSPHRASE
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self, timeout: float = 30.0) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         opts = ["-o", ",".join([f"cache_dir={self.cache}", *self.options])]
-        env = {**os.environ, "MEGAFS_PASSPHRASE": PASSPHRASE}
+        env = {**os.environ, **self.env, "MEGAFS_PASSPHRASE": self.passphrase}
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [*MEGAFS, "mount", str(self.store), str(self.path), "--foreground", *opts],
@@ -132,3 +135,41 @@ def mount(tmp_path: Path) -> Iterator[Mount]:
     """A fresh volume mounted through FUSE; the daemon log must stay clean."""
     with serving(new_mount(tmp_path)) as m:
         yield m
+
+
+# --- MEGA: the MEGA API emulator as a subprocess (tests/mega) ---------------------------
+# Tests that need an emulator with other options (``--state-dir``, TLS, ``--quota``...) start
+# their own with :func:`megafs.testing.megaemu.process.start_emulator`.
+
+#: Accounts every emulator fixture starts with (e-mail -> password).
+V2_ACCOUNTS = {"alice@example.com": "alice-Passw0rd"}
+V1_ACCOUNTS = {"bob@example.com": "bob-Passw0rd"}
+#: Long polls give up after this many seconds in the shared emulator.
+WAIT_TIMEOUT = 1.5
+
+
+@pytest.fixture(scope="session")
+def emulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
+    """One emulator process for the whole run (see ``emulator`` for a clean state per test)."""
+    log = tmp_path_factory.mktemp("megaemu") / "emulator.log"
+    with start_emulator(
+        "--wait-timeout",
+        str(WAIT_TIMEOUT),
+        accounts=V2_ACCOUNTS,
+        v1_accounts=V1_ACCOUNTS,
+        log=log,
+    ) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def emulator(emulator_process: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    """The shared emulator, reset: empty trees, no sessions, faults, events or counters.
+
+    Accounts (and their keys) survive the reset, so clients reuse derived password keys.
+    ``.url`` is the API base; ``.control(...)``, ``.fault(...)``, ``.stats()``, ``.tree(email)``
+    drive the ``/_emu/`` control plane.
+    """
+    emulator_process.reset()
+    yield emulator_process
+    emulator_process.clear_faults()
