@@ -30,13 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import string
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from types import TracebackType
 from typing import Any, Final, final
@@ -49,9 +47,12 @@ from megafs.mega.errors import (
     MegaError,
     MegaNetworkError,
     MegaRateLimited,
+    MegaSessionExpired,
     MegaTryAgain,
     mega_error,
 )
+from megafs.stores.retry import Backoff as Backoff
+from megafs.stores.retry import RetryPolicy as RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -89,58 +90,6 @@ def _install_log_filter() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _RedactSidFilter) for f in logger.filters):
             logger.addFilter(_RedactSidFilter())
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How long and how often a transient failure is retried.
-
-    Delays start at ``initial`` seconds and grow by ``multiplier`` up to ``max_delay``;
-    each is scaled by a random factor in ``[1 - jitter, 1]``. Retrying stops when the
-    next sleep would end more than ``max_total`` seconds after the first attempt, or
-    after ``max_attempts`` attempts if that is set.
-    """
-
-    initial: float = 0.25
-    max_delay: float = 30.0
-    max_total: float = 120.0
-    multiplier: float = 2.0
-    jitter: float = 0.5
-    max_attempts: int | None = None
-
-
-@final
-class Backoff:
-    """The retry state of one operation under a :class:`RetryPolicy`."""
-
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.policy = policy
-        self.attempts = 0
-        self._start = trio.current_time()
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since this operation's first attempt."""
-        return trio.current_time() - self._start
-
-    def next_delay(self) -> float | None:
-        """Count a failed attempt; the sleep before the next one, or None to give up."""
-        p = self.policy
-        self.attempts += 1
-        if p.max_attempts is not None and self.attempts >= p.max_attempts:
-            return None
-        base = min(p.max_delay, p.initial * p.multiplier ** (self.attempts - 1))
-        delay = base * random.uniform(1.0 - p.jitter, 1.0)
-        if self.elapsed + delay > p.max_total:
-            return None
-        return delay
-
-    def exhausted(self, err: MegaError) -> MegaError:
-        """Annotate ``err`` (the last failure) with how long we tried; returns it."""
-        err.args = (
-            f"{err.args[0]}; gave up after {self.attempts} attempts in {self.elapsed:.1f} s",
-        )
-        return err
 
 
 def _command_names(cmds: Sequence[dict[str, Any]]) -> str:
@@ -208,6 +157,11 @@ class MegaApi:
         )
         self._seq = secrets.randbelow(len(_ID_ALPHABET) ** _ID_WIDTH)
         self._client_tag = "".join(secrets.choice(_TAG_ALPHABET) for _ in range(10))
+        #: Set by a long-lived user (a mount): logs in again when the server says the
+        #: session expired (ESID). It must set :attr:`sid`; it runs with ``sid`` None.
+        self.renew_session: Callable[[], Awaitable[None]] | None = None
+        self._renew_lock = trio.Lock()
+        self._renewing: trio.lowlevel.Task | None = None  # the task logging in again
         _install_log_filter()
 
     @property
@@ -236,6 +190,38 @@ class MegaApi:
     ) -> None:
         await self.aclose()
 
+    async def renew(self, expired_sid: str | None) -> bool:
+        """The server answered ESID to a request made with ``expired_sid``: get a new session
+        through :attr:`renew_session`. True if there is a new sid to retry with.
+
+        Many tasks may see the same ESID at once: the lock makes the first one log in and
+        the others find ``sid`` already changed. Requests made while renewing run with
+        ``sid`` None, so an ESID during the login itself is not renewed again."""
+        if self.renew_session is None or expired_sid is None:
+            return False
+        async with self._renew_lock:
+            if self.sid != expired_sid:
+                return self.sid is not None
+            log.warning("MEGA session expired or was ended elsewhere; logging in again")
+            self.sid = None
+            self._renewing = trio.lowlevel.current_task()
+            try:
+                await self.renew_session()
+            except BaseException:
+                self.sid = None
+                raise
+            finally:
+                self._renewing = None
+            return self.sid is not None
+
+    async def _after_renewal(self) -> None:
+        """Requests of other tasks wait while one task logs in again: sent meanwhile they
+        would carry no session id. (The renewing task's own requests - the login - go on.)"""
+        task = self._renewing
+        if task is not None and task is not trio.lowlevel.current_task():
+            async with self._renew_lock:
+                pass
+
     # -- commands ------------------------------------------------------------------------
 
     async def call(self, cmd: dict[str, Any], *, retry: RetryPolicy | None = None) -> Any:
@@ -258,9 +244,18 @@ class MegaApi:
         backoff = Backoff(retry or self.retry)
         results: list[Any] = [None] * len(cmds)
         pending = list(range(len(cmds)))
+        renewed = False
         while True:
             sent = [cmds[i] for i in pending]
-            reply = await self._cs(sent, backoff)
+            await self._after_renewal()
+            sid = self.sid
+            try:
+                reply = await self._cs(sent, backoff)
+            except MegaSessionExpired:
+                if renewed or not await self.renew(sid):
+                    raise
+                renewed = True
+                continue
             again: list[int] = []
             last: MegaError | None = None
             for i, value in zip(pending, reply, strict=True):
@@ -404,12 +399,22 @@ class MegaApi:
         """Wait for the action packets after ``sn``: returns ``(packets, next_sn)``.
 
         Follows ``{"w": url}`` answers by long-polling the wait URL and asking again
-        with the same ``sn``. ESID (-15) raises MegaSessionExpired.
+        with the same ``sn``. ESID (-15) renews the session (:meth:`renew`) once, else
+        raises MegaSessionExpired.
         """
         policy = retry or self.retry
         backoff = Backoff(policy)
+        renewed = False
         while True:
-            reply = await self._post("sc", b"", {"sn": sn}, backoff, [])
+            await self._after_renewal()
+            sid = self.sid
+            try:
+                reply = await self._post("sc", b"", {"sn": sn}, backoff, [])
+            except MegaSessionExpired:
+                if renewed or not await self.renew(sid):
+                    raise
+                renewed = True
+                continue
             if isinstance(reply, dict) and isinstance(reply.get("a"), list):
                 packets = [p for p in reply["a"] if isinstance(p, dict)]
                 return packets, str(reply.get("sn", sn))
