@@ -44,6 +44,18 @@ def _setup_logging(debug: bool) -> None:
     )
     for noisy in ("pyfuse3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pyfuse3").addFilter(_late_reply_filter)
+
+
+def _late_reply_filter(record: logging.LogRecord) -> bool:
+    """libfuse reports a reply the kernel no longer waits for (the request was interrupted,
+    or the mount went away first: a release racing an unmount) as ENOENT. Nothing is lost
+    then, so it is a debug line, not an error."""
+    msg = record.getMessage()
+    if "fuse_reply_" in msg and "No such file or directory" in msg:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     pu = sub.add_parser("umount", help="wait until every change is on the store, then unmount")
     pu.add_argument("mountpoint", type=Path)
     pu.add_argument("--timeout", type=float, default=3600.0)
+
+    pl = sub.add_parser("link", help="print a MEGA public link for a file")
+    pl.add_argument("path", help="a file in a mounted MEGA account, or mega://EMAIL/path")
+    pl.add_argument("--passphrase-file", type=Path)
+    pl.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
+
+    po = sub.add_parser("logout", help="end a MEGA account's cached session")
+    po.add_argument("account", help="mega://EMAIL")
+    po.add_argument("--passphrase-file", type=Path)
+    po.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
 
     ps = sub.add_parser("status", help="pending uploads, cache use, errors")
     ps.add_argument("mountpoint", type=Path)
@@ -109,6 +131,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return run_daemon(args.store, mountpoint, passphrase, opts, log_path)
 
 
+def cmd_link(args: argparse.Namespace) -> int:
+    if args.path.startswith("mega://"):
+        from megafs.mega.mount import link_for_path
+
+        opts = parse_options(args.options)
+        password = read_passphrase(args.passphrase_file or opts.passphrase_file)
+        link = trio.run(link_for_path, args.path, password.decode("utf-8", "replace"), opts)
+    else:
+        try:
+            link = os.getxattr(args.path, "user.megafs.link").decode()
+        except OSError as exc:
+            raise UsageError(
+                f"{args.path}: not a file in a mounted MEGA account ({exc.strerror})"
+            ) from None
+    print(link)
+    return exitcodes.OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from megafs.mega.mount import logout_account
+
+    opts = parse_options(args.options)
+    password = read_passphrase(args.passphrase_file or opts.passphrase_file)
+    ended = trio.run(logout_account, args.account, password.decode("utf-8", "replace"), opts)
+    print("logged out" if ended else "no cached session (or not this password's); nothing to do")
+    return exitcodes.OK
+
+
 def _status(mnt: Path) -> dict[str, Any]:
     try:
         raw = os.getxattr(mnt, STATUS_XATTR.decode())
@@ -126,6 +176,15 @@ def _wait_idle(mnt: Path, timeout: float, progress: bool) -> None:
         st = _status(mnt)
         if not st["pending_objects"] and not st["dirty_files"]:
             break
+        if st.get("blocked"):
+            # Uploads that only the user can unblock (e.g. the account is over quota): the
+            # files stay staged, sealed, and the next mount uploads them.
+            print(
+                f"megafs: {st['dirty_files']} file(s) not uploaded ({st['blocked']}); "
+                "they stay staged and upload on the next mount",
+                file=sys.stderr,
+            )
+            return
         if time.monotonic() > deadline:
             raise MountError(
                 f"{mnt}: still {st['pending_bytes'] / 2**20:.1f} MiB to upload after "
@@ -206,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             "mount": cmd_mount,
             "umount": cmd_umount,
             "status": cmd_status,
+            "link": cmd_link,
+            "logout": cmd_logout,
         }[args.cmd]
         return handler(args)
     except MegafsError as exc:

@@ -52,6 +52,9 @@ class MountOptions:
     # Benchmarks/tests: make the store behave like a distant one.
     store_latency: float = 0.0
     store_bandwidth: int = 0
+    # MEGA accounts: which root to mount, and whether deletes skip the Rubbish Bin.
+    mega_root: str = "drive"
+    mega_delete_permanent: bool = False
 
     def cache_max_bytes(self, where: Path) -> int:
         """The block cache cap: ``cache_size=``, or a quarter of the free space
@@ -131,6 +134,10 @@ def parse_options(specs: list[str]) -> MountOptions:
                 setattr(opts, name, parse_size(value, name))
             elif name == "fsync" and value in ("local", "remote"):
                 opts.fsync_remote = value == "remote"
+            elif name == "mega_root" and value in ("drive", "rubbish", "inbox"):
+                opts.mega_root = value
+            elif name == "mega_delete" and value in ("rubbish", "permanent"):
+                opts.mega_delete_permanent = value == "permanent"
             elif name == "debug":
                 opts.debug = True
             elif name == "fsname" and value:

@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from megafs.errors import FsError, MegafsError, errno_for
+from megafs.mega.fs import MegaVfs
 from megafs.vfs.fs import Ctx, Vfs
 from megafs.vfs.node import Attr
 
@@ -84,11 +85,12 @@ def _ctx(ctx: Any) -> Ctx:
 
 
 class Operations(pyfuse3.Operations):
-    """pyfuse3 handlers over a :class:`~megafs.vfs.fs.Vfs`."""
+    """pyfuse3 handlers over a :class:`~megafs.vfs.fs.Vfs` (a megafs volume) or a
+    :class:`~megafs.mega.fs.MegaVfs` (a MEGA account): the same surface."""
 
     enable_writeback_cache = True
 
-    def __init__(self, vfs: Vfs) -> None:
+    def __init__(self, vfs: Vfs | MegaVfs) -> None:
         super().__init__()
         self.vfs = vfs
 

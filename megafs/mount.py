@@ -33,6 +33,7 @@ from megafs import exitcodes
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
+from megafs.mega.fs import MegaVfs
 from megafs.stores import LocalStore, open_store
 from megafs.stores.staging import StagingStore
 from megafs.testing.slow import SlowStore
@@ -105,7 +106,7 @@ class _Ops(Operations):
     """Adds control attributes on the root, answered but never listed:
     ``user.megafs.pid`` (the daemon's pid) and ``user.megafs.status`` (JSON)."""
 
-    def __init__(self, vfs: Vfs, status: Callable[[], dict[str, object]]) -> None:
+    def __init__(self, vfs: Vfs | MegaVfs, status: Callable[[], dict[str, object]]) -> None:
         super().__init__(vfs)
         self._status = status
 
@@ -161,6 +162,11 @@ async def serve(
 ) -> None:
     """Unlock, mount and serve until unmounted. ``ready(None)`` once live, or
     ``ready(error)`` on failure before that (then the error is raised too)."""
+    if store_url.startswith("mega://"):
+        from megafs.mega.mount import serve_mega
+
+        await serve_mega(store_url, mountpoint, passphrase, opts, ready, _Ops)
+        return
     try:
         check_mountpoint(mountpoint)
         store = open_store(store_url)

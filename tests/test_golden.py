@@ -71,11 +71,15 @@ def test_golden_v1_reads_back_in_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not fuse_available, reason="/dev/fuse is not usable here")
-def test_golden_v1_mounts_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import conftest
-
-    monkeypatch.setattr(conftest, "PASSPHRASE", PASSPHRASE.decode())
-    m = Mount(_copy(tmp_path), tmp_path / "mnt", tmp_path / "cache", tmp_path / "log", ["ro"])
+def test_golden_v1_mounts_read_only(tmp_path: Path) -> None:
+    m = Mount(
+        _copy(tmp_path),
+        tmp_path / "mnt",
+        tmp_path / "cache",
+        tmp_path / "log",
+        ["ro"],
+        passphrase=PASSPHRASE.decode(),
+    )
     m.start()
     try:
         assert (m.path / "hardlink.txt").read_bytes() == b"golden small file\n"

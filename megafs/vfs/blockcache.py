@@ -166,6 +166,11 @@ class BlockCache:
         )
         return True
 
+    def discard(self, key: bytes) -> None:
+        """Forget ``key`` (memory and disk), e.g. because its content failed a check."""
+        self._memory.pop(key, None)
+        self._drop(self._name(key))
+
     def _ad(self, name: str) -> bytes:
         return context(KIND_CACHE, self._volume_id, "block/" + name)
 
