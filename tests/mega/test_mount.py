@@ -207,19 +207,42 @@ def test_public_link(emulator: EmulatorProcess, client: EmuClient, tmp_path: Pat
     node = by_name(client, client.root())["share.bin"]
     assert crypto.b64decode(key) == client.node_key(node)
     assert handle and handle != node["h"]  # a public handle, not the node's
+    # Unmounted: the same link, straight from the account.
+    direct = subprocess.run(
+        [*MEGAFS, "link", f"mega://{EMAIL}/share.bin", "-o", f"cache_dir={m.cache}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **m.env, "MEGAFS_PASSPHRASE": PASSWORD},
+    )
+    assert direct.returncode == 0 and direct.stdout.strip() == link, direct.stderr
+    missing = subprocess.run(
+        [*MEGAFS, "link", f"mega://{EMAIL}/nope.bin", "-o", f"cache_dir={m.cache}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **m.env, "MEGAFS_PASSPHRASE": PASSWORD},
+    )
+    assert missing.returncode != 0 and "no such file" in missing.stderr, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
-def test_wrong_password_is_one_line(emulator: EmulatorProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("email", "password"),
+    [(EMAIL, "not-the-password"), ("nobody@example.com", "not-the-password")],
+    ids=["wrong-password", "unknown-account"],
+)
+def test_wrong_password_is_one_line(
+    emulator: EmulatorProcess, tmp_path: Path, email: str, password: str
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     out = subprocess.run(
-        [*MEGAFS, "mount", f"mega://{EMAIL}", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}"],
+        [*MEGAFS, "mount", f"mega://{email}", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}"],
         capture_output=True,
         text=True,
         timeout=120,
         env={
             **os.environ,
-            "MEGAFS_PASSPHRASE": "not-the-password",
+            "MEGAFS_PASSPHRASE": password,
             "MEGAFS_MEGA_API_URL": emulator.url,
         },
     )
