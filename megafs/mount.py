@@ -23,6 +23,7 @@ import signal
 import stat
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from megafs.testing.slow import SlowStore
 from megafs.vfs.blockcache import BlockCache
 from megafs.vfs.fs import Vfs
 from megafs.volume.drive import Volume
+from megafs.volume.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,15 @@ async def serve(
         local = opts.cache_dir / volume.volume_id.hex()
         staging = None
         lock = None if opts.read_only else _lock_local_state(local)
+        lease = None
+        if not opts.read_only:
+            lease = Lease(store, volume.keys)
+            try:
+                await lease.acquire()
+            except BaseException:
+                if lock is not None:
+                    os.close(lock)
+                raise
         cache = BlockCache(
             local / "blocks",
             volume.keys.cache,
@@ -216,12 +227,20 @@ async def serve(
         raise err from None
     log.info("mounted %s at %s", store.url, mountpoint)
     ready(None)
+
+    def lease_lost() -> None:
+        vfs.read_only = True  # another mount writes now: stop committing
+
     # Task ownership: ``outer`` owns the uploader, which must outlive the FUSE
-    # session so the final drain can finish; ``inner`` owns the committer (and
-    # read-ahead), the signal watcher and the FUSE workers.
+    # session so the final drain can finish, and the lease renewer (held until the
+    # drain ends); ``inner`` owns the committer (and read-ahead), the signal watcher
+    # and the FUSE workers.
+
     async with trio.open_nursery() as outer:
         if staging is not None:
             outer.start_soon(staging.run_uploader)
+        if lease is not None:
+            outer.start_soon(partial(lease.run, lease_lost))
         try:
             async with trio.open_nursery() as inner:
                 await inner.start(vfs.run_committer)
@@ -239,6 +258,11 @@ async def serve(
                 await vfs.close()
         if staging is not None and staging.pending_count:
             await _drain(staging)
+        if lease is not None and (staging is None or not staging.pending_count):
+            # With uploads left, the lease stays: this host's next mount takes it over
+            # (our pid is gone by then), any other waits for it to expire.
+            with trio.CancelScope(shield=True):
+                await lease.release()
         await volume.aclose()
         outer.cancel_scope.cancel()
     if lock is not None:

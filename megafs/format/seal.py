@@ -33,6 +33,7 @@ KIND_DIR = 2
 KIND_INODE = 3
 KIND_CHUNK = 4
 KIND_CACHE = 5
+KIND_LEASE = 6  # the single-writer lease object (megafs.volume.lease)
 
 _AD_PREFIX = b"megafs/1"
 
