@@ -43,6 +43,9 @@ class MountOptions:
     allow_other: bool = False
     cache_dir: Path = field(default_factory=default_cache_root)
     commit_interval: float = 1.0
+    # Read-only mounts: seconds between checks of loaded directories for changes made by
+    # the volume's writer elsewhere.
+    dir_cache_time: float = 30.0
     debug: bool = False
     fsname: str | None = None
     passphrase_file: Path | None = None
@@ -116,6 +119,13 @@ def parse_options(specs: list[str]) -> MountOptions:
                 opts.allow_other = True
             elif name == "cache_dir" and value:
                 opts.cache_dir = Path(value).expanduser()
+            elif name == "dir_cache_time" and value:
+                try:
+                    opts.dir_cache_time = float(value)
+                except ValueError:
+                    raise UsageError(f"dir_cache_time={value}: not a number") from None
+                if not 0 <= opts.dir_cache_time <= 86400:
+                    raise UsageError("dir_cache_time must be between 0 and 86400 seconds")
             elif name == "commit_interval" and value:
                 try:
                     opts.commit_interval = float(value)

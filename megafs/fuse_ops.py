@@ -93,6 +93,10 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs | MegaVfs) -> None:
         super().__init__()
         self.vfs = vfs
+        # With the writeback cache the kernel trusts its own file sizes over ours: right
+        # for the only writer, wrong for a read-only mount whose files another machine
+        # changes (a file grown elsewhere would read short).
+        self.enable_writeback_cache = not vfs.read_only
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:

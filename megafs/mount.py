@@ -34,6 +34,7 @@ from megafs import exitcodes
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
+from megafs.kernel_cache import invalidate
 from megafs.mega.fs import MegaVfs
 from megafs.stores import LocalStore, open_store
 from megafs.stores.staging import StagingStore
@@ -214,7 +215,9 @@ async def serve(
             block_cache=cache,
             writeback=staging,
             fsync_remote=opts.fsync_remote,
+            dir_cache_time=opts.dir_cache_time,
         )
+        vfs.invalidate = invalidate
         await vfs.start()
         status = _StatusView(vfs, staging, cache)
         pyfuse3.init(_Ops(vfs, status), str(mountpoint), opts.fuse_options(store.url))
@@ -244,6 +247,7 @@ async def serve(
         try:
             async with trio.open_nursery() as inner:
                 await inner.start(vfs.run_committer)
+                await inner.start(vfs.run_refresher)
                 inner.start_soon(_raise_read_ahead, mountpoint)
                 inner.start_soon(_on_signal, pyfuse3.terminate)
                 await pyfuse3.main(min_tasks=4, max_tasks=64)

@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import pyfuse3
 import trio
 
 from megafs.errors import FsError
+from megafs.kernel_cache import invalidate
 from megafs.mega import crypto, transfer
 from megafs.mega.api import MegaApi
 from megafs.mega.errors import MegaError, errno_for
@@ -831,7 +831,7 @@ class MegaVfs:
                 for raw, child in before[h].items():
                     if now.get(raw) != child:
                         inval.append((ino, raw))
-        await _invalidate(inval)
+        await invalidate(inval)
 
     def _packet_folders(self, packet: dict[str, Any]) -> set[str]:
         out: set[str] = set()
@@ -907,22 +907,3 @@ async def public_link(api: MegaApi, m: MegaNode) -> str:
     if not isinstance(ph, str):
         raise MegaError(detail="unexpected reply to l", command="l")
     return crypto.file_link(ph, m.file_key)
-
-
-async def _invalidate(items: list[tuple[int, bytes | None]]) -> None:
-    """Tell the kernel to drop cached attributes/data and entries (from a thread:
-    these calls block until the kernel is done, which may need this very process)."""
-    if not items:
-        return
-
-    def run() -> None:
-        for ino, name in items:
-            try:
-                if name is None:
-                    pyfuse3.invalidate_inode(ino)
-                else:
-                    pyfuse3.invalidate_entry(ino, name)
-            except OSError:
-                pass  # not known to the kernel: nothing to drop
-
-    await trio.to_thread.run_sync(run)

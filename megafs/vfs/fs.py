@@ -29,7 +29,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -50,6 +50,7 @@ XATTR_SIZE_MAX: Final = 65536
 DIRTY_BYTES_MAX: Final = 64 * 1024 * 1024
 MEMORY_CACHE_BYTES: Final = 32 * 1024 * 1024
 READAHEAD_MIN: Final = 1 << 20
+REFRESH_FETCHES: Final = 16  # directory HEADs at once while checking for remote changes
 READAHEAD_MAX: Final = 32 << 20
 RENAME_NOREPLACE: Final = 1
 RENAME_EXCHANGE: Final = 2
@@ -130,6 +131,7 @@ class Vfs:
         block_cache: BlockCache | None = None,
         writeback: WriteBack | None = None,
         fsync_remote: bool = False,
+        dir_cache_time: float = 0.0,
     ) -> None:
         self.volume = volume
         if block_cache is None:
@@ -156,11 +158,19 @@ class Vfs:
         self._dirty_total = 0  # bytes in unstaged buffers (see _account)
         self._commit_lock = trio.Lock()
         self.errors = 0
+        # Read-only mounts: how often loaded directories are checked for changes made
+        # elsewhere (0: never; a read-write mount is the volume's only writer).
+        self.dir_cache_time = dir_cache_time if self.read_only else 0.0
+        self._dir_etags: dict[int, str | None] = {}  # dir ino -> ETag its entries came from
+        #: Drops the kernel's caches of changed entries/inodes (set by the mount code).
+        self.invalidate: Callable[[list[tuple[int, bytes | None]]], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Load the root directory (the only object fetched at mount)."""
+        if self.dir_cache_time:
+            self._dir_etags[ROOT_INO] = await self.volume.dir_etag(ROOT_INO)
         contents = await self.volume.load_dir(ROOT_INO)
         if contents.self_record is None:
             raise MegafsError("root directory object has no attributes")
@@ -245,6 +255,8 @@ class Vfs:
                 continue
             node.loading = trio.Event()
             try:
+                if self.dir_cache_time:  # the ETag first: a change in between is seen later
+                    self._dir_etags[ino] = await self.volume.dir_etag(ino)
                 contents = await self.volume.load_dir(ino)
                 await self._fill_dir(node, contents.entries)
             finally:
@@ -285,6 +297,106 @@ class Vfs:
                     child = Node(record=rec, parent=node.ino)
                 self.nodes[rec.ino] = child
             node.add_entry(name, rec.ino)
+
+    # ------------------------------------------------------------- remote changes
+
+    async def run_refresher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Read-only mounts: every ``dir_cache_time`` seconds, :meth:`refresh`."""
+        task_status.started()
+        if not self.dir_cache_time:
+            return
+        while True:
+            await trio.sleep(self.dir_cache_time)
+            try:
+                await self.refresh()
+            except MegafsError as exc:
+                log.warning("checking the store for changes failed (will retry): %s", exc)
+
+    async def refresh(self) -> int:
+        """Check every loaded directory's object (one HEAD each, at most REFRESH_FETCHES
+        at once) and reload those whose ETag changed: entries added, removed, renamed,
+        files with new content or attributes. The kernel's caches of what changed are
+        dropped. Returns how many directories changed."""
+        loaded = [i for i, n in self.nodes.items() if n.is_dir and n.entries is not None]
+        limit = trio.Semaphore(REFRESH_FETCHES)
+        changed: list[tuple[int, bytes | None]] = []
+        count = 0
+
+        async def check(ino: int) -> None:
+            nonlocal count
+            async with limit:
+                node = self.nodes.get(ino)
+                if node is None or node.entries is None or node.loading is not None:
+                    return
+                etag = await self.volume.dir_etag(ino)
+                if etag is None or etag == self._dir_etags.get(ino):
+                    return  # unchanged (a deleted directory goes with its parent's change)
+                node.loading = trio.Event()
+                try:
+                    contents = await self.volume.load_dir(ino)
+                    changed.extend(await self._reload_dir(node, contents.entries))
+                    self._dir_etags[ino] = etag
+                    count += 1
+                finally:
+                    node.loading.set()
+                    node.loading = None
+
+        async with trio.open_nursery() as n:
+            for ino in loaded:
+                n.start_soon(check, ino)
+        if changed:
+            log.info("%d director%s changed on the store", count, "y" if count == 1 else "ies")
+            if self.invalidate is not None:
+                await self.invalidate(changed)
+        return count
+
+    async def _reload_dir(
+        self, node: Node, entries: dict[bytes, Record]
+    ) -> list[tuple[int, bytes | None]]:
+        """Make a loaded directory match ``entries`` (read-only mounts; ``node.loading``
+        is held). Returns what the kernel must forget."""
+        linked: dict[int, Record] = {}
+        refs = {r.ino for r in entries.values() if r.ref}
+        if refs:
+
+            async def fetch(i: int) -> None:
+                try:
+                    linked[i] = await self.volume.load_inode(i)
+                except MegafsError as exc:
+                    log.error("%s", exc)
+
+            async with trio.open_nursery() as n:
+                for i in refs:
+                    n.start_soon(fetch, i)
+        # Synchronous from here: the directory changes whole.
+        assert node.entries is not None
+        out: list[tuple[int, bytes | None]] = []
+        old = dict(node.entries)
+        for name, ino in old.items():
+            rec = entries.get(name)
+            if rec is None or rec.ino != ino:
+                node.remove_entry(name)
+                out.append((node.ino, name))
+                child = self.nodes.get(ino)
+                if child is not None and child.lookups <= 0 and child.opens <= 0:
+                    self.nodes.pop(ino, None)
+        for name, rec in entries.items():
+            new = linked.get(rec.ino) if rec.ref else rec
+            child = self.nodes.get(rec.ino)
+            if child is None:
+                if new is None:
+                    continue  # its inode object failed to load: logged above
+                child = Node(record=new, hardlinked=rec.ref, parent=None if rec.ref else node.ino)
+                self.nodes[rec.ino] = child
+            elif new is not None and child.record != new:
+                child.record = new
+                out.append((rec.ino, None))
+            if old.get(name) != rec.ino:
+                node.add_entry(name, rec.ino)
+        out.append((node.ino, None))  # its listing (the kernel may cache readdir pages)
+        return out
 
     def _new_ino(self) -> int:
         while True:

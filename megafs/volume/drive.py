@@ -206,6 +206,14 @@ class Volume:
         sealed = await self.store.get(key)
         return open_sealed(self._meta, sealed, context(kind, self.volume_id, key), f"object {key}")
 
+    async def dir_etag(self, ino: int) -> str | None:
+        """The ETag of a directory's object on the store (None if it is gone): one HEAD,
+        how a read-only mount notices another machine's changes."""
+        try:
+            return (await self.store.head(self.dir_key(ino))).etag
+        except ObjectNotFound:
+            return None
+
     async def load_dir(self, ino: int) -> frec.DirContents:
         """Fetch, open and check one directory object."""
         key = self.dir_key(ino)
