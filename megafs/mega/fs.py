@@ -7,10 +7,12 @@ mtimes (from the fingerprint attribute ``c``, else the creation time). Reads fet
 whole MEGA chunks (128 KiB growing to 1 MiB) by HTTP range, decrypt them, keep them
 sealed in the block cache, and verify the file's meta-MAC once every chunk of it
 has been seen (a mismatch is EIO). Writes go to a sealed local staging file
-(:mod:`megafs.mega.staged`) and are uploaded as a new node on flush/fsync/close;
-the new node then takes the old one's place (same inode) and the old node is
-deleted. Upload failures leave the staging file in place and are retried in the
-background (and by the next mount).
+(:mod:`megafs.mega.staged`); closing the file queues it for upload as a new node
+and returns at once (``fsync`` makes the staged copy durable locally, or, with
+``-o fsync=remote``, waits for the upload). The new node then takes the old one's
+place (same inode) and the old node is deleted. A file MEGA would refuse for quota
+(as far as the last ``uq`` knows) is EDQUOT at close. Upload failures leave the
+staging file in place and are retried in the background (and by the next mount).
 
 Things MEGA cannot store are refused or ignored the way other cloud filesystems do:
 symlinks, device nodes, hard links and extended attributes (EPERM / EOPNOTSUPP);
@@ -23,9 +25,12 @@ Concurrency rules (one trio thread):
   synchronous stretches: every method reads what it needs, awaits the server, then
   re-reads before applying the result.
 * ``Inode.lock`` serialises the content of one file: creating its staging copy,
-  writes, truncation and its upload. An upload holds the lock for its whole length,
-  so no write can slip between the bytes read for the upload and the swap of
-  handles that follows it.
+  writes, truncation, its upload, and renames/unlinks of it. An upload holds the
+  lock for its whole length, so no write can slip between the bytes read for the
+  upload and the swap of handles that follows it, and a rename or unlink waits for
+  an upload in flight (which read the file's name and folder when it started).
+* Uploads run in ``UPLOAD_WORKERS`` worker tasks fed by ``_queue`` (an inode is
+  queued at most once at a time: ``_queued``).
 * Remote changes (``sc`` packets) are applied by :meth:`MegaVfs.run_events` alone.
   Packets carrying this mount's own ``i`` tag are skipped: every command the vfs
   sends is applied to the tree locally from its reply.
@@ -33,14 +38,17 @@ Concurrency rules (one trio thread):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import math
 import os
 import secrets
 import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -50,7 +58,7 @@ from megafs.errors import FsError
 from megafs.kernel_cache import invalidate
 from megafs.mega import crypto, transfer
 from megafs.mega.api import MegaApi
-from megafs.mega.errors import MegaError, errno_for
+from megafs.mega.errors import MegaError, MegaOverQuota, errno_for
 from megafs.mega.names import NAME_MAX, from_posix_bytes, posix_bytes
 from megafs.mega.reader import ChunkReader, ReadState, cache_key
 from megafs.mega.staged import Staged, Target, load_pending
@@ -67,6 +75,7 @@ URL_TTL: Final = 300.0
 QUOTA_TTL: Final = 30.0
 READAHEAD_CHUNKS: Final = 8
 RETRY_INTERVAL: Final = 10.0
+UPLOAD_WORKERS: Final = 4  # files uploaded at once (each with its own chunk concurrency)
 ROOT_KINDS: Final = {"drive": ROOT, "rubbish": RUBBISH, "inbox": INBOX}
 
 
@@ -95,6 +104,10 @@ class Inode:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
+def _ino(node: Inode) -> int:
+    return node.ino
+
+
 def _writable_flags(flags: int) -> bool:
     return flags & os.O_ACCMODE != os.O_RDONLY
 
@@ -113,8 +126,10 @@ class MegaVfs:
         root: str = "drive",
         read_only: bool = False,
         permanent_delete: bool = False,
+        fsync_remote: bool = False,
     ) -> None:
         self.api = api
+        self.fsync_remote = fsync_remote
         self.tree = tree
         self.cache = cache
         self.staging_dir = staging_dir
@@ -134,6 +149,10 @@ class MegaVfs:
         self._uid, self._gid = os.getuid(), os.getgid()
         self.errors = 0
         self.uploads_pending = 0
+        self.uploaded_bytes = 0
+        self.last_error: str | None = None
+        self._queue_send, self._queue = trio.open_memory_channel[Inode](math.inf)
+        self._queued: set[int] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -143,6 +162,8 @@ class MegaVfs:
         async with trio.open_nursery() as n:
             self.reader.nursery = n
             self._resume_pending()
+            for _ in range(UPLOAD_WORKERS):
+                n.start_soon(self._upload_worker)
             n.start_soon(self.run_events)
             n.start_soon(self._retry_loop)
             n.start_soon(self._quota_loop)
@@ -166,6 +187,7 @@ class MegaVfs:
                 node.name = f"{target.name} (recovered {staged.ident[:8]})"
                 self.pending.setdefault(self.root_handle, {})[self._posix(node.name)] = ino
             self.uploads_pending += 1
+            self._enqueue(node)
             log.info("resuming an upload left by a previous mount (%s)", staged.ident)
 
     async def close(self) -> None:
@@ -179,6 +201,13 @@ class MegaVfs:
 
     def dirty_file_count(self) -> int:
         return sum(1 for n in self.inodes.values() if n.dirty and not n.unlinked)
+
+    def pending_bytes(self) -> int:
+        return sum(
+            n.staged.size
+            for n in self.inodes.values()
+            if n.dirty and not n.unlinked and n.staged is not None
+        )
 
     def upload_blocked(self) -> str | None:
         """Why waiting for the uploads is pointless, if it is: every dirty file's last
@@ -411,11 +440,15 @@ class MegaVfs:
         m = self._mega(child)
         if m is not None and m.is_folder:
             raise FsError(errno.EISDIR)
-        if child.handle is None or (child.dirty and m is None):
-            self.pending.get(folder, {}).pop(name, None)
-            self._forget_local(child)
-            return
-        async with child.lock:
+        async with child.lock:  # an upload in flight finishes first (module docstring)
+            if self._child(folder, name) is not child:
+                raise FsError(errno.ENOENT)
+            m = self._mega(child)
+            if child.handle is None or (child.dirty and m is None):
+                self.pending.get(folder, {}).pop(name, None)
+                self._forget_local(child)
+                return
+            assert child.handle is not None
             await self._delete_remote(child.handle)
             if child.staged is not None and not child.opens:
                 child.staged.discard()
@@ -452,10 +485,35 @@ class MegaVfs:
             raise FsError(errno.EINVAL)
         src_folder = self._folder(old_parent)
         dst_folder = self._folder(new_parent)
+        self._check_new_name(new_name)  # bad names fail before any wait
+        while True:
+            src = self._child(src_folder, old_name)
+            if src is None:
+                raise FsError(errno.ENOENT)
+            dst = self._child(dst_folder, new_name)
+            # Uploads in flight of either file finish first (module docstring); locks
+            # in inode order, so two renames cannot wait for each other.
+            nodes = sorted({n.ino: n for n in (src, dst) if n is not None}.values(), key=_ino)
+            async with contextlib.AsyncExitStack() as stack:
+                for n in nodes:
+                    await stack.enter_async_context(n.lock)
+                if self._child(src_folder, old_name) is not src:
+                    continue  # changed while we waited: look again
+                if self._child(dst_folder, new_name) is not dst:
+                    continue
+                await self._rename_locked(src, src_folder, old_name, dst_folder, new_name, flags)
+                return
+
+    async def _rename_locked(
+        self,
+        src: Inode,
+        src_folder: str,
+        old_name: bytes,
+        dst_folder: str,
+        new_name: bytes,
+        flags: int,
+    ) -> None:
         mega_name = self._check_new_name(new_name)
-        src = self._child(src_folder, old_name)
-        if src is None:
-            raise FsError(errno.ENOENT)
         dst = self._child(dst_folder, new_name)
         if dst is src:
             return
@@ -631,8 +689,9 @@ class MegaVfs:
             async with node.lock:
                 await self._truncate(node, size)
             if node.opens == 0 and node.dirty:
-                # truncate(2) on a path: no close will follow to upload it.
-                await self._upload_for_caller(node)
+                # truncate(2) on a path: no close will follow to queue it.
+                await self._stage_target(node, durable=False)
+                self._enqueue(node)
         if mtime_ns is not None:
             self._writable()
             node.mtime_ns = mtime_ns
@@ -666,10 +725,83 @@ class MegaVfs:
         # Only a handle that could write uploads: closing a reader of a file whose upload
         # failed must not fail (or wait for) the upload again; _retry_loop owns retries.
         if node.dirty and not node.unlinked and _writable_flags(h.flags):
-            await self._upload_for_caller(node)
+            await self._stage_target(node, durable=False)
+            self._check_quota(node)
+            self._enqueue(node)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.flush(fh)
+        """Durable on local disk (the staged copy and where it goes); with
+        ``-o fsync=remote``, on MEGA."""
+        _h, node = self._handle(fh)
+        if not node.dirty or node.unlinked:
+            return
+        if self.fsync_remote:
+            await self._upload_for_caller(node)
+        else:
+            await self._stage_target(node, durable=True)
+            self._enqueue(node)
+
+    def _target(self, node: Inode) -> Target | None:
+        """Where the node's staged content goes (without the fingerprint)."""
+        old = self._mega(node)
+        if old is not None and self.tree.usable(old):
+            parent, name, attrs = old.parent, old.name, dict(old.attrs or {})
+        else:
+            parent, name, attrs = node.parent, node.name, {}
+        if parent is None or name is None:
+            return None
+        mtime = (node.mtime_ns or time.time_ns()) // 1_000_000_000
+        attrs.pop("rr", None)
+        attrs["n"] = name
+        return Target(parent, name, old.handle if old else None, mtime, attrs)
+
+    async def _stage_target(self, node: Inode, *, durable: bool) -> None:
+        """Journal where the staged file goes, so a crash cannot orphan it (with
+        ``durable``, data and journal are fsync'ed: what ``fsync`` promises)."""
+        async with node.lock:
+            staged, target = node.staged, self._target(node)
+            if not node.dirty or staged is None or target is None:
+                return
+            save = partial(staged.save_target, target, self.tree.master_key, durable=durable)
+            if durable:
+                await trio.to_thread.run_sync(save)
+            else:
+                save()
+
+    def _check_quota(self, node: Inode) -> None:
+        """EDQUOT now if the account (as of the last ``uq``) cannot take this file and
+        everything queued before it; the file stays staged and is retried."""
+        if self._quota is None or node.staged is None:
+            return
+        _, total, used = self._quota
+        queued = sum(
+            n.staged.size
+            for n in self.inodes.values()
+            if n is not node and n.dirty and not n.unlinked and n.staged is not None
+        )
+        if total and used + queued + node.staged.size > total:
+            err = MegaOverQuota(detail="the file does not fit in the account's storage quota")
+            node.upload_error = err
+            self.errors += 1
+            self.last_error = str(err)
+            log.warning("upload refused before sending: %s; the file stays staged", err)
+            raise FsError(errno.EDQUOT, str(err))
+
+    def _enqueue(self, node: Inode) -> None:
+        if node.ino not in self._queued and node.upload_error is None:
+            self._queued.add(node.ino)
+            self._queue_send.send_nowait(node)
+
+    async def _upload_worker(self) -> None:
+        while True:
+            node = await self._queue.receive()
+            self._queued.discard(node.ino)
+            try:
+                await self._upload(node)
+            except (MegaError, FsError, OSError) as exc:
+                self.errors += 1
+                self.last_error = str(exc)
+                log.warning("upload failed (%s); the file stays staged and is retried", exc)
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -694,6 +826,7 @@ class MegaVfs:
             await self._upload(node)
         except MegaError as exc:
             self.errors += 1
+            self.last_error = str(exc)
             code = errno_for(exc)
             log.warning("upload failed (%s); the file stays staged and is retried", exc)
             raise FsError(code, str(exc)) from None
@@ -704,20 +837,13 @@ class MegaVfs:
                 return
             staged = node.staged
             old = self._mega(node)
-            if old is not None and self.tree.usable(old):
-                parent, name, attrs = old.parent, old.name, dict(old.attrs or {})
-            else:
-                parent, name, attrs = node.parent, node.name, {}
-            if parent is None or name is None:
+            target = self._target(node)
+            if target is None:
                 raise FsError(errno.EIO)
-            mtime = (node.mtime_ns or time.time_ns()) // 1_000_000_000
-            attrs.pop("c", None)
-            attrs.pop("rr", None)
-            attrs["n"] = name
+            parent, attrs = target.parent, target.attrs
             attrs["c"] = crypto.encode_fingerprint(
-                crypto.fingerprint_crc(staged.read, staged.size), mtime
+                crypto.fingerprint_crc(staged.read, staged.size), target.mtime
             )
-            target = Target(parent, name, old.handle if old else None, mtime, attrs)
             staged.save_target(target, self.tree.master_key)
             put_cache: list[tuple[int, bytes]] = []
 
@@ -751,6 +877,7 @@ class MegaVfs:
                         self.cache.put(cache_key(new.handle, index), data)
             node.dirty = False
             node.upload_error = None
+            self.uploaded_bytes += staged.size
             if node.opens == 0:
                 staged.discard()
                 node.staged = None

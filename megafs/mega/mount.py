@@ -197,6 +197,7 @@ async def serve_mega(
             root=opts.mega_root,
             read_only=opts.read_only,
             permanent_delete=opts.mega_delete_permanent,
+            fsync_remote=opts.fsync_remote,
         )
         await vfs.refresh_quota()
 
@@ -209,7 +210,9 @@ async def serve_mega(
                 "dirty_files": vfs.dirty_file_count(),
                 "pending_objects": vfs.dirty_file_count(),
                 "blocked": vfs.upload_blocked(),
-                "pending_bytes": 0,
+                "pending_bytes": vfs.pending_bytes(),
+                "uploaded_bytes": vfs.uploaded_bytes,
+                "last_error": vfs.last_error,
                 "cache_bytes": cache.bytes,
                 "cache_max_bytes": cache.max_bytes,
                 "cache_hits": cache.hits,

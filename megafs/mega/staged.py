@@ -90,8 +90,9 @@ class Staged:
     def sync(self) -> None:
         os.fsync(self.fd)
 
-    def save_target(self, target: Target, master_key: bytes) -> None:
-        """Record (durably) what this file is for, so a crash does not lose it."""
+    def save_target(self, target: Target, master_key: bytes, *, durable: bool = True) -> None:
+        """Record what this file is for, so a crash does not lose it (``durable``:
+        fsync'ed, the staged data too)."""
         meta = {
             "k": crypto.encrypt_key(master_key, self.key + self.nonce + bytes(8)),
             "a": crypto.encrypt_attributes(
@@ -110,9 +111,11 @@ class Staged:
         with open(tmp, "w", encoding="ascii") as f:
             json.dump(meta, f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, self.directory / f"{self.ident}.meta")
-        self.sync()
+        if durable:
+            self.sync()
 
     def discard_meta(self) -> None:
         """The upload happened; the file stays open for more writes."""

@@ -353,8 +353,10 @@ def test_expired_session_logs_in_again_and_logout(
         (m.path / "before.txt").write_bytes(b"1")
         logins = emulator.stats().get("cs:us", 0)
         assert emulator.expire_sessions(EMAIL) >= 1  # e.g. "log out all sessions" elsewhere
-        (m.path / "after.txt").write_bytes(b"2")
-        assert emulator.stats().get("cs:us", 0) == logins + 1
+        (m.path / "after.txt").write_bytes(b"2")  # uploaded in the background
+        wait_for(lambda: emulator.stats().get("cs:us", 0) > logins)
+        time.sleep(0.5)
+        assert emulator.stats().get("cs:us", 0) == logins + 1  # one login, however many ESIDs
         assert sorted(os.listdir(m.path)) == ["after.txt", "before.txt"]
         # Refused while mounted, with one line.
         busy = subprocess.run(
@@ -402,3 +404,27 @@ def test_undecryptable_node_is_skipped(
         )
         assert '"undecryptable_nodes": 1' in status.stdout, status.stdout
     assert "cannot be decrypted" in m.log_text()
+
+
+def test_close_does_not_wait_for_the_upload(
+    emulator: EmulatorProcess, client: EmuClient, tmp_path: Path
+) -> None:
+    """Closing queues the upload; renames and unlinks during it come out right (the
+    editor pattern: write a temporary file, close, rename it over the original)."""
+    m = mega_mount(emulator, tmp_path)
+    with serving(m):
+        (m.path / "doc.txt").write_bytes(b"original")
+        wait_for(lambda: "doc.txt" in by_name(client, client.root()))
+        emulator.fault("ul", "delay", seconds=2, count=4)
+        t0 = time.monotonic()
+        (m.path / ".doc.txt.swp").write_bytes(b"edited version")
+        (m.path / "scratch").write_bytes(b"short-lived")
+        assert time.monotonic() - t0 < 1.5, "close waited for the upload"
+        os.rename(m.path / ".doc.txt.swp", m.path / "doc.txt")
+        os.unlink(m.path / "scratch")
+        assert (m.path / "doc.txt").read_bytes() == b"edited version"
+        assert sorted(os.listdir(m.path)) == ["doc.txt"]
+    # After the unmount (which waits for the uploads) the account holds just that.
+    top = by_name(client, client.root())
+    assert set(top) == {"doc.txt"}
+    assert client.download(top["doc.txt"]) == b"edited version"
