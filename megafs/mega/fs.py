@@ -64,7 +64,7 @@ from megafs.mega.reader import ChunkReader, ReadState, cache_key
 from megafs.mega.staged import Staged, Target, load_pending
 from megafs.mega.tree import FOLDER, INBOX, ROOT, RUBBISH, MegaNode, Tree
 from megafs.vfs.blockcache import BlockCache
-from megafs.vfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, Ctx, StatFs
+from megafs.vfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, STATE_XATTR, Ctx, StatFs
 from megafs.vfs.node import Attr
 
 log = logging.getLogger(__name__)
@@ -1006,7 +1006,19 @@ class MegaVfs:
             name_max=NAME_MAX,
         )
 
+    def file_state(self, ino: int) -> str:
+        """``clean`` (on MEGA), ``uploading`` (queued or being uploaded) or ``dirty``
+        (open for writing, or its upload failed and waits for a retry)."""
+        node = self._inode(ino)
+        if not node.dirty or node.unlinked:
+            return "clean"
+        if node.ino in self._queued or node.lock.locked():
+            return "uploading"
+        return "dirty"
+
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name == STATE_XATTR:
+            return self.file_state(ino).encode()
         node = self._inode(ino)
         m = self._mega(node)
         if name == LINK_XATTR and m is not None and not m.is_folder and not node.dirty:

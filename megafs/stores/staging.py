@@ -249,6 +249,10 @@ class StagingStore:
     async def delete(self, key: str) -> None:
         await self._stage(b"D", key, b"")
 
+    def is_pending(self, key: str) -> bool:
+        """Whether an operation on ``key`` is staged and not yet on the remote store."""
+        return self._staged(key) is not None
+
     def _staged(self, key: str) -> _Entry | None:
         e = self._entries.get(key)
         return e if e is not None and not e.done else None

@@ -36,6 +36,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from megafs.errors import FsError, IntegrityError, MegafsError
+from megafs.format.chunks import chunk_key
 from megafs.format.records import NAME_MAX, Record
 from megafs.vfs import content
 from megafs.vfs.blockcache import BlockCache
@@ -50,6 +51,7 @@ XATTR_SIZE_MAX: Final = 65536
 DIRTY_BYTES_MAX: Final = 64 * 1024 * 1024
 MEMORY_CACHE_BYTES: Final = 32 * 1024 * 1024
 READAHEAD_MIN: Final = 1 << 20
+STATE_XATTR: Final = b"user.megafs.state"  # per-file upload state (never listed)
 REFRESH_FETCHES: Final = 16  # directory HEADs at once while checking for remote changes
 READAHEAD_MAX: Final = 32 << 20
 RENAME_NOREPLACE: Final = 1
@@ -116,6 +118,9 @@ class WriteBack(Protocol):
 
     async def wait_idle(self) -> None:
         """Wait until everything written so far is on the remote store."""
+
+    def is_pending(self, key: str) -> bool:
+        """Whether an object is staged and not yet on the remote store."""
 
 
 class Vfs:
@@ -904,7 +909,38 @@ class Vfs:
 
     # ---------------------------------------------------------------- xattrs
 
+    def file_state(self, ino: int) -> str:
+        """``dirty`` (changes only in memory or not yet committed), ``uploading``
+        (committed to the local staging area, not all on the store yet) or ``clean``
+        (everything it needs is on the store): what ``user.megafs.state`` answers."""
+        node = self._node(ino)
+        parent = node.parent
+        if (
+            node.dirty
+            or node.saved is not None
+            or node.flushing
+            or ino in self._dirty_content
+            or ino in self._dirty_inodes
+            or (parent is not None and parent in self._dirty_dirs)
+            or ino in self._dirty_dirs
+        ):
+            return "dirty"
+        wb = self.writeback
+        if wb is not None:
+            keys = [chunk_key(ref.cid) for ref in node.record.chunks.values()]
+            if parent is not None:
+                keys.append(self.volume.dir_key(parent))
+            if node.hardlinked:
+                keys.append(self.volume.inode_key(ino))
+            if node.is_dir:
+                keys.append(self.volume.dir_key(ino))
+            if any(wb.is_pending(k) for k in keys):
+                return "uploading"
+        return "clean"
+
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name == STATE_XATTR:
+            return self.file_state(ino).encode()
         if name.startswith((b"system.", b"security.")):
             raise FsError(errno.EOPNOTSUPP)  # not stored, as setxattr says
         try:

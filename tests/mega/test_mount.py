@@ -420,10 +420,12 @@ def test_close_does_not_wait_for_the_upload(
         (m.path / ".doc.txt.swp").write_bytes(b"edited version")
         (m.path / "scratch").write_bytes(b"short-lived")
         assert time.monotonic() - t0 < 1.5, "close waited for the upload"
+        assert os.getxattr(m.path / "scratch", "user.megafs.state") == b"uploading"
         os.rename(m.path / ".doc.txt.swp", m.path / "doc.txt")
         os.unlink(m.path / "scratch")
         assert (m.path / "doc.txt").read_bytes() == b"edited version"
         assert sorted(os.listdir(m.path)) == ["doc.txt"]
+        wait_for(lambda: os.getxattr(m.path / "doc.txt", "user.megafs.state") == b"clean")
     # After the unmount (which waits for the uploads) the account holds just that.
     top = by_name(client, client.root())
     assert set(top) == {"doc.txt"}
