@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("init", help="create a volume (asks the passphrase twice)")
     pi.add_argument("store")
     pi.add_argument("--passphrase-file", type=Path)
+    pi.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (MEGAFS_S3_ENDPOINT)")
 
     pm = sub.add_parser("mount", help="mount a volume; returns once the mount is live")
     pm.add_argument("store")
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
     pm.add_argument("-f", "--foreground", action="store_true")
     pm.add_argument("--passphrase-file", type=Path)
+    pm.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (MEGAFS_S3_ENDPOINT)")
 
     pu = sub.add_parser("umount", help="wait until every change is on the store, then unmount")
     pu.add_argument("mountpoint", type=Path)
@@ -259,6 +261,8 @@ def _alive(pid: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "s3_endpoint", None):
+        os.environ["MEGAFS_S3_ENDPOINT"] = args.s3_endpoint  # read by open_store (and daemon)
     try:
         handler = {
             "init": cmd_init,

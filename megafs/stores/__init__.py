@@ -7,8 +7,9 @@ Store URLs:
 ``/some/path``, ``rel/path``           :class:`LocalStore` in that directory
 ``file:///some/path``                  :class:`LocalStore` (percent-decoded path)
 ``memory:``                            a new, empty :class:`MemoryStore`
-``s3://``, ``webdav+http(s)://``,      not supported yet (raise ``StoreError``)
-``mega://``
+``s3://BUCKET[/PREFIX]``               :class:`~megafs.stores.s3.S3Store` (endpoint, region and
+                                       credentials from the environment, the AWS way)
+``webdav+http(s)://``, ``mega://``     not supported yet (raise ``StoreError``)
 =====================================  ==============================================
 
 A string starting with ``scheme:`` (a letter, then at least one more of
@@ -50,6 +51,10 @@ def open_store(url: str) -> ObjectStore:
         if url[match.end() :]:
             raise StoreError("memory store URL takes nothing after 'memory:'")
         return MemoryStore()
+    if scheme == "s3":
+        from megafs.stores.s3 import S3Store  # configured from the environment
+
+        return S3Store.from_url(url)
     if scheme in _NOT_YET:
         raise StoreError(f"{scheme}:// store not supported yet")
     raise StoreError(

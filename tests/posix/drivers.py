@@ -31,7 +31,7 @@ from conftest import PASSPHRASE, TEST_KDF, Mount, new_mount, serving
 
 from megafs.errors import FsError
 from megafs.mount import mounted_at
-from megafs.stores import LocalStore, MemoryStore, ObjectStore
+from megafs.stores import LocalStore, MemoryStore, ObjectStore, open_store
 from megafs.vfs.fs import ROOT_INO, Ctx, Vfs
 from megafs.vfs.node import Attr
 from megafs.volume.drive import Volume
@@ -392,7 +392,19 @@ class OsDriver(Driver):
     def read_after_crash(self, path: str) -> bytes:
         assert self.mount is not None, "no mount to look under"
         rel = os.path.relpath(self._p(path), self.mount.path)
-        return trio.run(_read_on_store, LocalStore(self.mount.store), rel)
+        m = self.mount
+        if isinstance(m.store, Path):
+            return trio.run(_read_on_store, LocalStore(m.store), rel)
+        saved = {k: os.environ.get(k) for k in m.env}
+        os.environ.update(m.env)  # a remote store is configured from the environment
+        try:
+            return trio.run(_read_on_store, open_store(m.store), rel)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 async def _read_on_store(store: ObjectStore, path: str) -> bytes:
@@ -404,7 +416,10 @@ async def _read_on_store(store: ObjectStore, path: str) -> bytes:
         ino = (await vfs.lookup(ino, os.fsencode(part))).ino
     fh = await vfs.open(ino, os.O_RDONLY)
     size = (await vfs.getattr(ino)).size
-    return await vfs.read(fh, 0, size)
+    try:
+        return await vfs.read(fh, 0, size)
+    finally:
+        await store.aclose()
 
 
 # -------------------------------------------------------------------- VfsDriver
@@ -799,10 +814,42 @@ def suite_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
         yield m
 
 
-@pytest.fixture(params=["vfs", "mount"])
+@pytest.fixture(scope="module")
+def s3_suite_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """Like :func:`suite_mount`, on a real S3 server (``juicefs gateway`` on 127.0.0.1)."""
+    from megafs.testing.s3server import juicefs_gateway
+
+    tmp = tmp_path_factory.mktemp("posix-s3")
+    (tmp / "server").mkdir()
+    with juicefs_gateway(root=tmp / "server") as server:
+
+        async def create() -> None:
+            store = server.store("posix")
+            try:
+                await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+            finally:
+                await store.aclose()
+
+        trio.run(create)
+        m = Mount(
+            f"s3://{server.bucket}/posix",
+            tmp / "mnt",
+            tmp / "cache",
+            tmp / "megafs.log",
+            env=server.env(),
+        )
+        with serving(m):
+            yield m
+
+
+SUITE_MOUNTS = {"mount": "suite_mount", "mount-s3": "s3_suite_mount"}
+
+
+@pytest.fixture(params=["vfs", "mount", "mount-s3"])
 def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
     """The suite's filesystem: a fresh in-process vfs on an empty volume, or a fresh
-    directory on a real FUSE mount (remount restarts that mount's daemon)."""
+    directory on a real FUSE mount of a local-directory or S3 volume (remount restarts
+    that mount's daemon)."""
     drv: Driver
     if request.param == "vfs":
         drv = VfsDriver(tmp_path / "vfs-state")
@@ -811,7 +858,7 @@ def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
         finally:
             drv.close_driver()
         return
-    m: Mount = request.getfixturevalue("suite_mount")
+    m: Mount = request.getfixturevalue(SUITE_MOUNTS[request.param])
     if m.proc is None or m.proc.poll() is not None or not mounted_at(m.path):
         m.stop()  # an earlier test killed it: start afresh, its log still counts
         m.start()
