@@ -7,14 +7,16 @@ Every failure prints one line ``megafs: ...`` to stderr and exits non-zero (see
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -30,10 +32,13 @@ from megafs.mount import (
     run_daemon,
     run_foreground,
 )
-from megafs.stores import LocalStore, open_store
+from megafs.stores import LocalStore, ObjectStore, open_store
+from megafs.volume import maintenance
+from megafs.volume.check import Report
 from megafs.volume.drive import Volume
 
 log = logging.getLogger("megafs")
+_T = TypeVar("_T")
 
 
 def _setup_logging(debug: bool) -> None:
@@ -74,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
     pm.add_argument("-f", "--foreground", action="store_true")
     pm.add_argument("--passphrase-file", type=Path)
+    pm.add_argument(
+        "--key-file", type=Path, help="open with a key file (megafs export-key) instead"
+    )
     pm.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (MEGAFS_S3_ENDPOINT)")
 
     pu = sub.add_parser("umount", help="wait until every change is on the store, then unmount")
@@ -96,7 +104,67 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument(
         "--wait-idle", action="store_true", help="return once nothing is waiting to be uploaded"
     )
+    _add_maintenance_parsers(sub)
     return p
+
+
+def _add_maintenance_parsers(sub: Any) -> None:
+    def unlock_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("store")
+        q.add_argument("--passphrase-file", type=Path)
+        q.add_argument(
+            "--key-file", type=Path, help="open with a key file (megafs export-key) instead"
+        )
+        q.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (MEGAFS_S3_ENDPOINT)")
+
+    pw = sub.add_parser(
+        "passwd",
+        help="change the volume passphrase (rewraps the master key only)",
+        description="Change the volume passphrase: the master key is rewrapped under the new "
+        "one; no data is touched. The new passphrase comes from MEGAFS_NEW_PASSPHRASE, "
+        "--new-passphrase-file or a prompt. Safe while the volume is mounted (a mount reads "
+        "the header only when it starts); other machines' key files keep working.",
+    )
+    unlock_args(pw)
+    pw.add_argument("--new-passphrase-file", type=Path)
+
+    pf = sub.add_parser(
+        "fsck",
+        help="check the whole volume: every object opens, every chunk exists and authenticates",
+    )
+    unlock_args(pf)
+    pf.add_argument(
+        "--quick", action="store_true", help="only check that chunks exist (no content reads)"
+    )
+
+    pg = sub.add_parser(
+        "gc",
+        help="delete chunks nothing references (takes the volume's lease)",
+        description="Delete the chunk objects no file references (left by crashes and by "
+        "overwritten or deleted files). Holds the volume's single-writer lease, so it refuses "
+        "to run while a read-write mount holds the volume; deletes nothing if any directory is "
+        "unreadable; keeps chunks younger than --grace where the store tells ages.",
+    )
+    unlock_args(pg)
+    pg.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    pg.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep unreferenced chunks younger than this (default 3600)",
+    )
+
+    pe = sub.add_parser(
+        "export-key",
+        help="write a recovery copy of the master key (opens the volume with --key-file)",
+    )
+    pe.add_argument("store")
+    pe.add_argument("--passphrase-file", type=Path)
+    pe.add_argument(
+        "--key-file", type=Path, help="the file to create (mode 0600); default: standard output"
+    )
+    pe.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (MEGAFS_S3_ENDPOINT)")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -120,7 +188,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     passphrase_file = args.passphrase_file or opts.passphrase_file
     _setup_logging(args.debug or opts.debug)
     check_mountpoint(args.mountpoint)
-    passphrase = read_passphrase(passphrase_file)
+    if args.key_file is not None and passphrase_file is not None:
+        raise UsageError("give --passphrase-file or --key-file, not both")
+    passphrase: maintenance.Secret = (
+        maintenance.read_key_file(args.key_file)
+        if args.key_file is not None
+        else read_passphrase(passphrase_file)
+    )
     mountpoint = args.mountpoint.resolve()
     if args.foreground:
 
@@ -259,6 +333,177 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- maintenance
+
+
+def _secret(args: argparse.Namespace) -> maintenance.Secret:
+    """The passphrase, or the master key from ``--key-file``."""
+    if getattr(args, "key_file", None) is not None:
+        if args.passphrase_file is not None:
+            raise UsageError("give --passphrase-file or --key-file, not both")
+        return maintenance.read_key_file(args.key_file)
+    return read_passphrase(args.passphrase_file)
+
+
+def _new_passphrase(args: argparse.Namespace) -> bytes:
+    """The new passphrase of ``passwd``: a file, MEGAFS_NEW_PASSPHRASE or a prompt."""
+    path: Path | None = args.new_passphrase_file
+    if path is not None:
+        try:
+            data = path.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+        if not data:
+            raise UsageError(f"passphrase file {path} is empty")
+        return data
+    env = os.environ.get("MEGAFS_NEW_PASSPHRASE")
+    if env:
+        return env.encode()
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "no new passphrase: set MEGAFS_NEW_PASSPHRASE or use --new-passphrase-file "
+            "(no terminal to ask on)"
+        )
+    first = getpass.getpass("New passphrase: ")
+    if not first:
+        raise UsageError("empty passphrase")
+    if getpass.getpass("Repeat new passphrase: ") != first:
+        raise UsageError("the passphrases do not match")
+    return first.encode()
+
+
+def _maintenance_store(url: str) -> ObjectStore:
+    store = open_store(url)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        raise UsageError(f"store {url} does not exist")
+    return store
+
+
+def _run_on_store(url: str, fn: Callable[[ObjectStore], Awaitable[_T]]) -> _T:
+    store = _maintenance_store(url)
+
+    async def run() -> _T:
+        try:
+            return await fn(store)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+    return trio.run(run)
+
+
+class _Progress:
+    """A one-line progress display on stderr, only on a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, report: Report) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        self.shown = True
+        print(
+            f"\r\033[Kchecking: {report.directories} directories, {report.files} files, "
+            f"{report.chunks} chunks ({report.bytes / 2**20:.1f} MiB)",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def done(self) -> None:
+        if self.shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    old = _secret(args)
+    new = _new_passphrase(args)
+    _run_on_store(args.store, lambda store: maintenance.change_passphrase(store, old, new))
+    print("passphrase changed (the old one no longer opens the volume)")
+    return exitcodes.OK
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    secret = _secret(args)
+    progress = _Progress()
+    try:
+        report = _run_on_store(
+            args.store,
+            lambda store: maintenance.fsck(store, secret, quick=args.quick, progress=progress),
+        )
+    finally:
+        progress.done()
+    for problem in report.problems:
+        print(problem)
+    what = "checked for existence" if args.quick else "authenticated"
+    print(
+        f"{report.directories} directories, {report.files} files, {report.chunks} chunks "
+        f"({report.bytes} bytes {what}); {len(report.problems)} problem(s)"
+    )
+    if report.problems:
+        print(f"megafs: {len(report.problems)} problem(s) found", file=sys.stderr)
+        return exitcodes.ERROR
+    return exitcodes.OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    secret = _secret(args)
+    progress = _Progress()
+    try:
+        result = _run_on_store(
+            args.store,
+            lambda store: maintenance.collect_garbage(
+                store, secret, dry_run=args.dry_run, grace=args.grace, progress=progress
+            ),
+        )
+    finally:
+        progress.done()
+    mib = result.garbage_bytes / 2**20
+    if args.dry_run:
+        for info in result.garbage:
+            print(f"would delete {info.key} ({info.size} bytes)")
+        print(
+            f"would delete {len(result.garbage)} unreferenced chunks, "
+            f"{result.garbage_bytes} bytes ({mib:.1f} MiB)"
+        )
+    else:
+        print(
+            f"deleted {result.deleted} unreferenced chunks, "
+            f"{result.deleted_bytes} bytes ({mib:.1f} MiB)"
+        )
+    if result.young:
+        print(f"kept {result.young} unreferenced chunks younger than {args.grace:g} s")
+    if result.kept_metadata or result.unknown:
+        print(
+            f"kept {result.kept_metadata} unreferenced directory/inode objects and "
+            f"{len(result.unknown)} unknown objects (not deleted)"
+        )
+    return exitcodes.OK
+
+
+def cmd_export_key(args: argparse.Namespace) -> int:
+    passphrase = read_passphrase(args.passphrase_file)
+    if args.key_file is not None and os.path.lexists(args.key_file):
+        raise UsageError(f"{args.key_file} already exists; not overwriting it")
+    vid, master = _run_on_store(
+        args.store, lambda store: maintenance.master_key_of(store, passphrase)
+    )
+    if args.key_file is None:
+        sys.stdout.buffer.write(maintenance.encode_key_file(vid, master))
+        sys.stdout.flush()
+        return exitcodes.OK
+    maintenance.write_key_file(args.key_file, vid, master)
+    print(
+        f"wrote the master key of volume {vid.hex()} to {args.key_file} (mode 0600): "
+        "whoever has it can read the volume, whatever the passphrase; keep it safe"
+    )
+    return exitcodes.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "s3_endpoint", None):
@@ -271,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             "status": cmd_status,
             "link": cmd_link,
             "logout": cmd_logout,
+            "passwd": cmd_passwd,
+            "fsck": cmd_fsck,
+            "gc": cmd_gc,
+            "export-key": cmd_export_key,
         }[args.cmd]
         return handler(args)
     except MegafsError as exc:

@@ -41,8 +41,8 @@ from megafs.stores.staging import StagingStore
 from megafs.testing.slow import SlowStore
 from megafs.vfs.blockcache import BlockCache
 from megafs.vfs.fs import Vfs
-from megafs.volume.drive import Volume
 from megafs.volume.lease import Lease
+from megafs.volume.maintenance import Secret, unlock
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _is_barrier(key: str) -> bool:
 async def serve(
     store_url: str,
     mountpoint: Path,
-    passphrase: bytes,
+    passphrase: Secret,
     opts: MountOptions,
     ready: Callable[[MegafsError | None], None],
 ) -> None:
@@ -168,6 +168,10 @@ async def serve(
     if store_url.startswith("mega://"):
         from megafs.mega.mount import serve_mega
 
+        if not isinstance(passphrase, bytes):
+            err = MegafsError("a MEGA account opens with its password, not a key file")
+            ready(err)
+            raise err
         await serve_mega(store_url, mountpoint, passphrase, opts, ready, _Ops)
         return
     try:
@@ -177,7 +181,7 @@ async def serve(
             raise MountError(f"store {store_url} does not exist")
         if opts.store_latency or opts.store_bandwidth:
             store = SlowStore(store, latency=opts.store_latency, bandwidth=opts.store_bandwidth)
-        volume = await Volume.open(
+        volume = await unlock(
             store, passphrase, state_root=opts.cache_dir, read_only=opts.read_only
         )
         local = opts.cache_dir / volume.volume_id.hex()
@@ -346,7 +350,7 @@ class _StatusView:
 def run_foreground(
     store_url: str,
     mountpoint: Path,
-    passphrase: bytes,
+    passphrase: Secret,
     opts: MountOptions,
     ready: Callable[[MegafsError | None], None],
 ) -> None:
@@ -354,7 +358,7 @@ def run_foreground(
 
 
 def run_daemon(
-    store_url: str, mountpoint: Path, passphrase: bytes, opts: MountOptions, log_path: Path
+    store_url: str, mountpoint: Path, passphrase: Secret, opts: MountOptions, log_path: Path
 ) -> int:
     """Fork; the child mounts and serves, the parent returns the exit status once the
     mount is live (0) or has failed (non-zero, after printing the child's message)."""
