@@ -423,8 +423,6 @@ def test_open_store_paths_and_urls(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "webdav+http://host/dav",
-        "webdav+https://user:pw@host/dav",
         "mega://folder",
     ],
 )

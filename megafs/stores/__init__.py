@@ -55,6 +55,10 @@ def open_store(url: str) -> ObjectStore:
         from megafs.stores.s3 import S3Store  # configured from the environment
 
         return S3Store.from_url(url)
+    if scheme in ("webdav+http", "webdav+https"):
+        from megafs.stores.webdav import WebDavStore  # credentials from the environment
+
+        return WebDavStore.from_url(url)
     if scheme in _NOT_YET:
         raise StoreError(f"{scheme}:// store not supported yet")
     raise StoreError(

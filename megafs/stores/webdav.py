@@ -1,0 +1,525 @@
+"""A WebDAV (RFC 4918) object store over httpx on trio.
+
+URL: ``webdav+http://HOST[:PORT]/PATH`` or ``webdav+https://...``. Credentials come from
+``MEGAFS_WEBDAV_USER`` / ``MEGAFS_WEBDAV_PASSWORD`` or ``~/.netrc`` (httpx's NetRCAuth);
+basic and digest auth are both answered (digest via httpx.DigestAuth when the server asks
+for it). Keys map to paths below the base collection; ``/`` in a key is a collection.
+
+Conditional puts: RFC 4918/7232 servers honour ``If-None-Match: *`` and ``If-Match``. We
+probe once per store whether the server does (a conditional PUT that must fail); if it
+does not, we fall back to HEAD-then-PUT, which is only best effort: two concurrent writers
+may both succeed. This is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+from urllib.parse import quote, unquote, urlsplit
+
+import defusedxml.ElementTree as SafeET
+import httpx
+import trio
+
+from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
+from megafs.stores.base import ObjectInfo
+from megafs.stores.retry import DEFAULT_POLICY, RetryPolicy, retrying
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DAV: Final = "{DAV:}"
+_TRANSIENT_STATUS: Final = frozenset({408, 423, 425, 429, 500, 502, 503, 504, 507})
+_PROPFIND_BODY: Final = (
+    b'<?xml version="1.0" encoding="utf-8"?>'
+    b'<d:propfind xmlns:d="DAV:"><d:prop>'
+    b"<d:resourcetype/><d:getcontentlength/><d:getetag/>"
+    b"</d:prop></d:propfind>"
+)
+
+
+def _auth_from_env() -> httpx.Auth | None:
+    user = os.environ.get("MEGAFS_WEBDAV_USER")
+    if user is not None:
+        return _BasicOrDigest(user, os.environ.get("MEGAFS_WEBDAV_PASSWORD", ""))
+    netrc = os.path.expanduser("~/.netrc")
+    if os.path.exists(netrc):
+        return httpx.NetRCAuth(netrc)
+    return None
+
+
+def _strip_weak(etag: str) -> str:
+    return etag[2:] if etag.startswith("W/") else etag
+
+
+class _BasicOrDigest(httpx.Auth):
+    """Sends Basic pre-emptively; switches to Digest if the server challenges with it.
+
+    Concurrency: ``_digest`` is set once (idempotently) by whichever task sees the first
+    digest challenge; httpx.DigestAuth keeps its own nonce state.
+    """
+
+    def __init__(self, user: str, password: str) -> None:
+        self._basic = httpx.BasicAuth(user, password)
+        self._digest_auth = httpx.DigestAuth(user, password)
+        self._digest = False
+
+    def __repr__(self) -> str:  # never show credentials
+        return "<webdav auth>"
+
+    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        if self._digest:
+            yield from self._digest_auth.auth_flow(request)
+            return
+        response = yield next(self._basic.auth_flow(request))
+        challenge = response.headers.get("www-authenticate", "")
+        if response.status_code == 401 and challenge.lower().startswith("digest"):
+            self._digest = True
+            flow = self._digest_auth.auth_flow(request)
+            next(flow)  # the unauthenticated probe: we already have its answer
+            try:
+                retry = flow.send(response)
+            except StopIteration:
+                return
+            yield retry
+
+
+class WebDavStore:
+    """An :class:`~megafs.stores.base.ObjectStore` on a WebDAV collection."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: httpx.Auth | None = None,
+        timeout: float = 60.0,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        verify: bool | str = True,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise StoreError("WebDAV URL must be webdav+http://HOST/PATH or webdav+https://...")
+        if "@" in parts.netloc:
+            raise StoreError("put WebDAV credentials in MEGAFS_WEBDAV_USER/PASSWORD, not the URL")
+        path = parts.path.rstrip("/") + "/"
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._base_path = path  # percent-encoded, ends with '/'
+        self._url = f"webdav+{parts.scheme}://{parts.netloc}{path}"
+        self._policy = policy
+        limits = httpx.Limits(max_connections=40, max_keepalive_connections=40)
+        self._client = httpx.AsyncClient(
+            auth=auth,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            limits=limits,
+            verify=verify,  # True: the system trust store via certifi/ssl defaults
+            follow_redirects=False,
+        )
+        # Collections known to exist (encoded paths). Concurrency: only ever grows; two
+        # tasks may MKCOL the same collection at once, which is harmless (405 = exists).
+        self._collections: set[str] = set()
+        self._base_checked = False
+        self._conditional: str | None = None  # "headers", "lock" or "none"; see put()
+        self._can_lock = False  # server has class 2 (LOCK); set by the probe
+        self._probe_lock = trio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> WebDavStore:
+        if not url.lower().startswith("webdav+"):
+            raise StoreError("not a webdav+http(s):// URL")
+        return cls(url[len("webdav+") :], auth=_auth_from_env())
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        if not key or key.startswith("/") or "//" in key or key.endswith("/"):
+            raise StoreError(f"invalid key {key!r}")
+        segs = key.split("/")
+        if any(s in (".", "..") for s in segs):
+            raise StoreError(f"invalid key {key!r}")
+        return self._base_path + "/".join(quote(s, safe="") for s in segs)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        try:
+            resp = await self._client.request(
+                method, self._origin + path, headers=headers, content=content
+            )
+        except httpx.TimeoutException as exc:
+            raise StoreUnavailable(f"WebDAV {method} timed out: {type(exc).__name__}") from None
+        except (httpx.TransportError, OSError) as exc:
+            raise StoreUnavailable(f"WebDAV {method} failed: {type(exc).__name__}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise StoreError(f"WebDAV {method} failed: {type(exc).__name__}: {exc}") from None
+        code = resp.status_code
+        if code in (401, 403):
+            raise StoreError(f"WebDAV credentials refused ({code}) by {self._url}")
+        if code in _TRANSIENT_STATUS or code >= 500:
+            raise StoreUnavailable(f"WebDAV {method} answered {code}")
+        return resp
+
+    async def _retry(self, op: Callable[[], Awaitable[T]], what: str) -> T:
+        return await retrying(op, what=f"{self._url} {what}", policy=self._policy)
+
+    async def _check_base(self) -> None:
+        if self._base_checked:
+            return
+        resp = await self._request(
+            "PROPFIND", self._base_path, headers={"Depth": "0"}, content=_PROPFIND_BODY
+        )
+        if resp.status_code == 404:
+            raise StoreError(f"no such WebDAV folder: {self._url}")
+        if resp.status_code != 207:
+            raise StoreError(f"WebDAV folder {self._url}: PROPFIND answered {resp.status_code}")
+        self._collections.add(self._base_path)
+        self._base_checked = True
+
+    async def _mkcol_chain(self, path: str) -> None:
+        """Create every missing collection above ``path`` (an encoded object path)."""
+        parent = path.rsplit("/", 1)[0] + "/"
+        chain: list[str] = []
+        while parent not in self._collections and len(parent) > len(self._base_path):
+            chain.append(parent)
+            parent = parent[:-1].rsplit("/", 1)[0] + "/"
+        for coll in reversed(chain):
+            resp = await self._request("MKCOL", coll)
+            # 201 created; 405 already exists (another task or writer made it).
+            if resp.status_code not in (200, 201, 204, 405):
+                if resp.status_code == 409:
+                    raise StoreUnavailable(f"WebDAV MKCOL {coll} conflict (parent vanished?)")
+                raise StoreError(f"WebDAV MKCOL answered {resp.status_code}")
+            self._collections.add(coll)
+
+    # -- ObjectStore ----------------------------------------------------------
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        path = self._path(key)
+        if start < 0 or (end is not None and end < start):
+            raise StoreError(f"bad range [{start}, {end})")
+        if end is not None and end == start:
+            await self.head(key)  # still report a missing object
+            return b""
+
+        async def op() -> bytes:
+            await self._check_base()
+            headers = {}
+            ranged = start > 0 or end is not None
+            if ranged:
+                last = "" if end is None else str(end - 1)
+                headers["Range"] = f"bytes={start}-{last}"
+            resp = await self._request("GET", path, headers=headers)
+            code = resp.status_code
+            if code == 404:
+                raise ObjectNotFound(key)
+            if code == 416:
+                return b""
+            body = resp.content
+            length = resp.headers.get("content-length")
+            if length is not None and len(body) < int(length):
+                raise StoreUnavailable(f"WebDAV GET {key}: truncated body")
+            if code == 200:
+                return body[start:end] if ranged else body
+            if code == 206:
+                cr = resp.headers.get("content-range", "")
+                want: int | None = None
+                if cr.startswith("bytes ") and "/" in cr:
+                    span, _, total = cr[6:].partition("/")
+                    first, _, lastb = span.partition("-")
+                    if int(first) != start:
+                        raise StoreError(f"WebDAV GET {key}: server sent range {cr}")
+                    size = int(total) if total != "*" else None
+                    stop = end if end is not None else size
+                    if size is not None and stop is not None:
+                        stop = min(stop, size)
+                    if stop is not None:
+                        want = stop - start
+                    if len(body) != int(lastb) - int(first) + 1:
+                        raise StoreUnavailable(f"WebDAV GET {key}: truncated range")
+                if want is not None and len(body) < want:
+                    raise StoreUnavailable(f"WebDAV GET {key}: truncated range")
+                return body if want is None else body[:want]
+            raise StoreError(f"WebDAV GET answered {code}")
+
+        return await self._retry(op, f"GET {key}")
+
+    async def _probe_conditional(self) -> str:
+        """How conditional puts are done: "headers" (the server refuses ``If-None-Match: *``
+        on an existing resource with 412), "lock" (it ignores them but has class 2 LOCK),
+        or "none" (best effort check-then-put). Probed once per store."""
+        async with self._probe_lock:
+            if self._conditional is not None:
+                return self._conditional
+            probe = self._base_path + ".megafs-ifmatch-probe"
+            resp = await self._request("PUT", probe, content=b"probe")
+            if resp.status_code not in (200, 201, 204):
+                raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+            resp = await self._request(
+                "PUT", probe, content=b"probe2", headers={"If-None-Match": "*"}
+            )
+            honoured = resp.status_code == 412
+            await self._request("DELETE", probe)
+            opts = await self._request("OPTIONS", self._base_path)
+            classes = {c.strip() for c in opts.headers.get("dav", "").split(",")}
+            self._can_lock = "2" in classes
+            if honoured:
+                self._conditional = "headers"
+                return "headers"
+            if self._can_lock:
+                self._conditional = "lock"
+                log.info("%s ignores If-None-Match: conditional puts use LOCK", self._url)
+            else:
+                self._conditional = "none"
+                log.warning(
+                    "%s ignores If-None-Match and has no LOCK; conditional puts fall back to "
+                    "check-then-put (not atomic against concurrent writers)",
+                    self._url,
+                )
+            return self._conditional
+
+    async def _put_once(self, key: str, path: str, data: bytes, headers: dict[str, str]) -> str:
+        await self._mkcol_chain(path)
+        resp = await self._request("PUT", path, headers=headers, content=data)
+        if resp.status_code == 409:
+            # A parent collection is missing (someone removed it): forget and rebuild.
+            # Concurrency: resetting the cache only makes other tasks MKCOL again (405).
+            self._collections = {self._base_path}
+            await self._mkcol_chain(path)
+            resp = await self._request("PUT", path, headers=headers, content=data)
+        if resp.status_code == 412:
+            raise PreconditionFailed(key)
+        if resp.status_code == 404 and "If-Match" in headers:
+            raise PreconditionFailed(key)
+        if resp.status_code not in (200, 201, 204):
+            raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+        etag: str | None = resp.headers.get("etag")
+        if etag and not etag.startswith("W/"):
+            return etag
+        return (await self._head_once(key)).etag
+
+    async def _put_locked(
+        self, key: str, path: str, data: bytes, if_none_match: bool, if_match: str | None
+    ) -> str:
+        """Conditional put under an exclusive write LOCK (RFC 4918 §9.10).
+
+        LOCK on an unmapped URL creates an empty, locked resource and answers 201: that is
+        our atomic create-only test. While we hold the lock, other writers get 423 Locked
+        (retried as transient), so check-then-put is safe. If we die holding the lock, it
+        expires after its timeout; a create-only put that dies between LOCK and PUT leaves
+        an empty object under the key (a later reader sees an empty/invalid object).
+        """
+        await self._mkcol_chain(path)
+        body = (
+            b'<?xml version="1.0" encoding="utf-8"?>'
+            b'<d:lockinfo xmlns:d="DAV:"><d:lockscope><d:exclusive/></d:lockscope>'
+            b"<d:locktype><d:write/></d:locktype><d:owner>megafs</d:owner></d:lockinfo>"
+        )
+        resp = await self._request(
+            "LOCK",
+            path,
+            headers={"Timeout": "Second-60", "Depth": "0", "Content-Type": "application/xml"},
+            content=body,
+        )
+        if resp.status_code == 409:
+            self._collections = {self._base_path}
+            raise StoreUnavailable(f"WebDAV LOCK {key}: parent collection missing")
+        if resp.status_code not in (200, 201):
+            raise StoreError(f"WebDAV LOCK answered {resp.status_code}")
+        created = resp.status_code == 201
+        token = resp.headers.get("lock-token", "").strip()
+        if not token:
+            raise StoreError("WebDAV LOCK gave no Lock-Token")
+        if not token.startswith("<"):
+            token = f"<{token}>"
+        if_header = {"If": f"({token})"}
+        try:
+            # 201 means our LOCK created an empty resource. Some servers (RFC 2518
+            # lock-null resources, e.g. Apache) answer 200 and the URL stays unmapped
+            # (HEAD 404) until our PUT: that also means "did not exist".
+            cur: ObjectInfo | None = None
+            if not created:
+                try:
+                    cur = await self._head_once(key)
+                except ObjectNotFound:
+                    cur = None
+            if if_none_match and cur is not None:
+                raise PreconditionFailed(key)
+            if if_match is not None and (
+                cur is None or _strip_weak(cur.etag) != _strip_weak(if_match)
+            ):
+                if created:
+                    await self._request("DELETE", path, headers=if_header)
+                raise PreconditionFailed(key)
+            resp = await self._request("PUT", path, headers=if_header, content=data)
+            if resp.status_code not in (200, 201, 204):
+                raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._request("UNLOCK", path, headers={"Lock-Token": token})
+                except StoreError as exc:
+                    log.warning("%s: UNLOCK %s failed: %s", self._url, key, exc)
+        return (await self._head_once(key)).etag
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        path = self._path(key)
+
+        async def op() -> str:
+            await self._check_base()
+            headers: dict[str, str] = {}
+            if if_none_match or if_match is not None:
+                mode = await self._probe_conditional()
+                if mode == "headers" and if_match is not None and if_match.startswith("W/"):
+                    # If-Match compares strongly: a weak ETag (Apache gives one for a file
+                    # changed in the last second) never matches. Compare it ourselves.
+                    mode = "lock" if self._can_lock else "none"
+                if mode == "lock":
+                    return await self._put_locked(key, path, data, if_none_match, if_match)
+                if mode == "headers":
+                    if if_none_match:
+                        headers["If-None-Match"] = "*"
+                    if if_match is not None:
+                        headers["If-Match"] = if_match
+                else:
+                    try:
+                        cur: ObjectInfo | None = await self._head_once(key)
+                    except ObjectNotFound:
+                        cur = None
+                    if if_none_match and cur is not None:
+                        raise PreconditionFailed(key)
+                    if if_match is not None and (
+                        cur is None or _strip_weak(cur.etag) != _strip_weak(if_match)
+                    ):
+                        raise PreconditionFailed(key)
+            return await self._put_once(key, path, data, headers)
+
+        return await self._retry(op, f"PUT {key}")
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+
+        async def op() -> None:
+            await self._check_base()
+            resp = await self._request("DELETE", path)
+            if resp.status_code not in (200, 202, 204, 404):
+                raise StoreError(f"WebDAV DELETE answered {resp.status_code}")
+
+        await self._retry(op, f"DELETE {key}")
+
+    async def _head_once(self, key: str) -> ObjectInfo:
+        resp = await self._request("HEAD", self._path(key))
+        if resp.status_code == 404:
+            raise ObjectNotFound(key)
+        if resp.status_code != 200:
+            raise StoreError(f"WebDAV HEAD answered {resp.status_code}")
+        size = int(resp.headers.get("content-length", "0"))
+        etag = resp.headers.get("etag") or f'"{size}-{resp.headers.get("last-modified", "")}"'
+        return ObjectInfo(key=key, size=size, etag=etag)
+
+    async def head(self, key: str) -> ObjectInfo:
+        self._path(key)
+
+        async def op() -> ObjectInfo:
+            await self._check_base()
+            return await self._head_once(key)
+
+        return await self._retry(op, f"HEAD {key}")
+
+    async def _propfind(self, coll: str) -> list[tuple[str, bool, int, str]]:
+        """(decoded path, is_collection, size, etag) for the children of ``coll``."""
+        resp = await self._request(
+            "PROPFIND",
+            coll,
+            headers={"Depth": "1", "Content-Type": "application/xml"},
+            content=_PROPFIND_BODY,
+        )
+        if resp.status_code == 404:
+            return []
+        if resp.status_code != 207:
+            raise StoreError(f"WebDAV PROPFIND answered {resp.status_code}")
+        try:
+            root = SafeET.fromstring(resp.content)
+        except Exception as exc:
+            raise StoreUnavailable(f"WebDAV PROPFIND: bad XML: {type(exc).__name__}") from None
+        me = unquote(coll).rstrip("/")
+        out: list[tuple[str, bool, int, str]] = []
+        for r in root.iter(_DAV + "response"):
+            href_el = r.find(_DAV + "href")
+            if href_el is None or not href_el.text:
+                continue
+            href = urlsplit(href_el.text.strip()).path  # absolute URL or absolute path
+            if not href.startswith("/"):
+                href = posixpath.join(coll, href)
+            dec = unquote(href)
+            is_coll = False
+            size = 0
+            etag = ""
+            for ps in r.iter(_DAV + "propstat"):
+                status = ps.findtext(_DAV + "status") or ""
+                if " 200 " not in status + " ":
+                    continue
+                prop = ps.find(_DAV + "prop")
+                if prop is None:
+                    continue
+                rt = prop.find(_DAV + "resourcetype")
+                if rt is not None and rt.find(_DAV + "collection") is not None:
+                    is_coll = True
+                cl = prop.findtext(_DAV + "getcontentlength")
+                if cl and cl.strip().isdigit():
+                    size = int(cl.strip())
+                et = prop.findtext(_DAV + "getetag")
+                if et:
+                    etag = et.strip()
+            if dec.rstrip("/") == me:
+                continue
+            out.append((dec.rstrip("/"), is_coll, size, etag))
+        return out
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base_dec = unquote(self._base_path)
+
+        async def op() -> list[ObjectInfo]:
+            await self._check_base()
+            found: list[ObjectInfo] = []
+            # Start at the deepest collection the prefix names fully.
+            start_dir = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+            todo = [self._base_path + quote(start_dir, safe="/")]
+            while todo:
+                coll = todo.pop()
+                for dec, is_coll, size, etag in await self._propfind(coll):
+                    if not dec.startswith(base_dec):
+                        continue
+                    rel = dec[len(base_dec) :]
+                    if is_coll:
+                        relc = rel + "/"
+                        if relc.startswith(prefix) or prefix.startswith(relc):
+                            todo.append(self._base_path + quote(relc, safe="/"))
+                        continue
+                    if rel.startswith(prefix) and not rel.startswith(".megafs-ifmatch-probe"):
+                        found.append(ObjectInfo(key=rel, size=size, etag=etag))
+            found.sort(key=lambda i: i.key)
+            return found
+
+        return await self._retry(op, f"PROPFIND {prefix!r}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
