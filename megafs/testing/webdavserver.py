@@ -86,23 +86,34 @@ def rclone_webdav(
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+        with _running(proc, port, log):
+            yield _server(port, served, user, password, "rclone")
+
+
+def _server(port: int, served: Path, user: str, password: str, kind: str) -> WebDavServer:
+    return WebDavServer(
+        url=f"webdav+http://127.0.0.1:{port}/",
+        env={"MEGAFS_WEBDAV_USER": user, "MEGAFS_WEBDAV_PASSWORD": password},
+        root=served,
+        user=user,
+        password=password,
+        kind=kind,
+    )
+
+
+@contextlib.contextmanager
+def _running(proc: subprocess.Popen[bytes], port: int, log: Path) -> Iterator[None]:
+    """Wait for the server's port; stop the server afterwards, whatever happened."""
+    try:
+        _wait_port(port, proc, log, 20.0)
+        yield
+    finally:
+        proc.terminate()
         try:
-            _wait_port(port, proc, log, 20.0)
-            yield WebDavServer(
-                url=f"webdav+http://127.0.0.1:{port}/",
-                env={"MEGAFS_WEBDAV_USER": user, "MEGAFS_WEBDAV_PASSWORD": password},
-                root=served,
-                user=user,
-                password=password,
-                kind="rclone",
-            )
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 _APACHE_MODULES = (
@@ -175,20 +186,5 @@ def apache_webdav(
                 stderr=out,
                 start_new_session=True,
             )
-        try:
-            _wait_port(port, proc, log, 20.0)
-            yield WebDavServer(
-                url=f"webdav+http://127.0.0.1:{port}/",
-                env={"MEGAFS_WEBDAV_USER": user, "MEGAFS_WEBDAV_PASSWORD": password},
-                root=served,
-                user=user,
-                password=password,
-                kind="apache",
-            )
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with _running(proc, port, log):
+            yield _server(port, served, user, password, "apache")
