@@ -842,14 +842,46 @@ def s3_suite_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
             yield m
 
 
-SUITE_MOUNTS = {"mount": "suite_mount", "mount-s3": "s3_suite_mount"}
+@pytest.fixture(scope="module")
+def webdav_suite_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """Like :func:`suite_mount`, on a real WebDAV server (``rclone serve webdav`` on
+    127.0.0.1)."""
+    import httpx
+
+    from megafs.stores.webdav import WebDavStore
+    from megafs.testing.webdavserver import rclone_webdav
+
+    tmp = tmp_path_factory.mktemp("posix-webdav")
+    (tmp / "server" / "posix").mkdir(parents=True)
+    with rclone_webdav(root=tmp / "server") as server:
+        url = server.url + "posix"
+
+        async def create() -> None:
+            auth = httpx.BasicAuth(server.user, server.password)
+            store = WebDavStore(url.removeprefix("webdav+"), auth=auth)
+            try:
+                await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+            finally:
+                await store.aclose()
+
+        trio.run(create)
+        m = Mount(url, tmp / "mnt", tmp / "cache", tmp / "megafs.log", env=server.env)
+        with serving(m):
+            yield m
 
 
-@pytest.fixture(params=["vfs", "mount", "mount-s3"])
+SUITE_MOUNTS = {
+    "mount": "suite_mount",
+    "mount-s3": "s3_suite_mount",
+    "mount-webdav": "webdav_suite_mount",
+}
+
+
+@pytest.fixture(params=["vfs", "mount", "mount-s3", "mount-webdav"])
 def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
     """The suite's filesystem: a fresh in-process vfs on an empty volume, or a fresh
-    directory on a real FUSE mount of a local-directory or S3 volume (remount restarts
-    that mount's daemon)."""
+    directory on a real FUSE mount of a local-directory, S3 or WebDAV volume (remount
+    restarts that mount's daemon)."""
     drv: Driver
     if request.param == "vfs":
         drv = VfsDriver(tmp_path / "vfs-state")

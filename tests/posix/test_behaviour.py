@@ -36,11 +36,17 @@ from drivers import (
     fs,
     s3_suite_mount,
     suite_mount,
+    webdav_suite_mount,
 )
 
 from megafs.format.chunks import BLOCK_SIZE, CHUNK_SIZE
 
-__all__ = ["fs", "s3_suite_mount", "suite_mount"]  # fixtures, imported from drivers
+__all__ = [
+    "fs",
+    "s3_suite_mount",
+    "suite_mount",
+    "webdav_suite_mount",
+]  # fixtures, imported from drivers
 
 MiB = 1 << 20
 GiB = 1 << 30
