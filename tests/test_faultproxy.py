@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -182,6 +183,45 @@ def test_status_faults(proxy: FaultProxy) -> None:
     st = proxy.stats()
     assert st["faults"] == {"status": 3}
     assert st["connections"] == 1
+
+
+def _expect_put(sock: socket.socket, path: str, body: bytes) -> bytes:
+    """PUT with "Expect: 100-continue" the way AWS SDKs do it: headers, then wait for the
+    100 (at most 2 s) before the body; returns the final response's head and body."""
+    sock.sendall(
+        f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\n\r\n".encode()
+    )
+    sock.settimeout(2)
+    interim = sock.recv(4096)
+    assert interim.startswith(b"HTTP/1.1 100 "), interim
+    assert interim.endswith(b"\r\n\r\n"), interim  # nothing but the 100
+    sock.settimeout(10)
+    sock.sendall(body)
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(65536)
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    m = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+    assert m, head
+    while len(rest) < int(m.group(1)):
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def test_expect_100_continue(proxy: FaultProxy) -> None:
+    proxy.add(latency(0.05))
+    proxy.add(status(429, b"busy", method="PUT", path="^/refused$", count=1))
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        reply = _expect_put(sock, "/expect", BIG)
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(str(len(BIG)).encode())
+        # A status fault answers after the body (read and dropped); keep-alive holds.
+        reply = _expect_put(sock, "/refused", b"abc")
+        assert reply.startswith(b"HTTP/1.1 429 ") and reply.endswith(b"busy")
+        reply = _expect_put(sock, "/expect2", b"small")
+        assert reply.startswith(b"HTTP/1.1 200 ")
+    assert _Handler.store["/expect"] == BIG and _Handler.store["/expect2"] == b"small"
+    assert proxy.stats()["connections"] == 1
 
 
 def test_probability_is_seeded(upstream: str) -> None:

@@ -453,6 +453,14 @@ class _Conn:
         for f in faults:
             if f.kind == "latency":
                 await trio.sleep(f.seconds)
+        if self.cconn.they_are_waiting_for_100_continue:
+            # "Expect: 100-continue" (AWS SDKs send it on larger PUTs): the body is read
+            # from the client before anything comes back from upstream, so say 100 now
+            # (upstream's own 100 is skipped below); otherwise the client would wait out
+            # its expect timeout (1 s in Go's AWS SDK) on every such request.
+            await self._send(
+                self.client, self.cconn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         terminal = next((f for f in faults if f.kind == "status"), None)
         if terminal is not None:
             await self._drain_request()
