@@ -58,6 +58,11 @@ class MountOptions:
     # MEGA accounts: which root to mount, and whether deletes skip the Rubbish Bin.
     mega_root: str = "drive"
     mega_delete_permanent: bool = False
+    # Daemon mode: how long ``megafs mount`` (and so mount.megafs) waits for the mount.
+    mount_timeout: float = 120.0
+    # Kernel mount flags passed through to libfuse (``noexec``; ``nosuid`` and ``nodev``
+    # are on for every megafs mount anyway, whatever mount(8) or mount.fuse3 add).
+    mount_flags: set[str] = field(default_factory=set)
 
     def cache_max_bytes(self, where: Path) -> int:
         """The block cache cap: ``cache_size=``, or a quarter of the free space
@@ -80,10 +85,12 @@ class MountOptions:
             opts.add("ro")
         if self.allow_other:
             opts.add("allow_other")
-        return opts
+        return opts | self.mount_flags
 
 
-# Options that only matter to mount(8), fstab or systemd; ignored here.
+# Options that only matter to mount(8), fstab or systemd, and the defaults mount(8) and
+# mount.fuse3 add (``rw``, ``dev``, ``suid``: megafs mounts are always nosuid,nodev); ignored.
+# ``x-*``/``X-*`` options and ``comment=`` are ignored too (fstab comments, systemd's).
 _IGNORED = {
     "rw",
     "defaults",
@@ -92,19 +99,22 @@ _IGNORED = {
     "user",
     "users",
     "nouser",
+    "owner",
+    "group",
     "_netdev",
     "nofail",
     "dev",
-    "nodev",
     "suid",
-    "nosuid",
     "exec",
-    "noexec",
     "atime",
     "noatime",
     "relatime",
     "async",
 }
+
+
+# Set by megafs itself whatever the options say (``subtype=megafs``), or fstab comments.
+_NAMED_ELSEWHERE = {"subtype", "comment"}
 
 
 def parse_options(specs: list[str]) -> MountOptions:
@@ -154,7 +164,23 @@ def parse_options(specs: list[str]) -> MountOptions:
                 opts.fsname = value
             elif name == "passphrase_file" and value:
                 opts.passphrase_file = Path(value)
-            elif name in _IGNORED or name.startswith("x-") or name == "subtype":
+            elif name == "mount_timeout" and value:
+                try:
+                    opts.mount_timeout = float(value)
+                except ValueError:
+                    raise UsageError(f"mount_timeout={value}: not a number") from None
+                if not opts.mount_timeout > 0:
+                    raise UsageError("mount_timeout must be a positive number of seconds")
+            elif name in ("noexec", "nosuid", "nodev"):
+                opts.mount_flags.add(name)
+            elif name == "passphrase":
+                # Never echo it: options show in ps, logs and error messages.
+                raise UsageError(
+                    "the passphrase never goes in the mount options (they show in ps and "
+                    "the logs): use passphrase_file=FILE or the systemd credential "
+                    "megafs-passphrase"
+                )
+            elif name in _IGNORED or name.lower().startswith("x-") or name in _NAMED_ELSEWHERE:
                 continue
             else:
                 raise UsageError(f"unknown mount option {item!r}")

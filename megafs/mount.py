@@ -19,9 +19,12 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import stat
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -30,7 +33,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from megafs import exitcodes
+from megafs import exitcodes, sdnotify
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
@@ -248,6 +251,9 @@ async def serve(
             outer.start_soon(staging.run_uploader)
         if lease is not None:
             outer.start_soon(partial(lease.run, lease_lost))
+        if sdnotify.enabled():
+            # In ``outer``: the backlog is still reported while the final drain runs.
+            outer.start_soon(report_status, status)
         try:
             async with trio.open_nursery() as inner:
                 await inner.start(vfs.run_committer)
@@ -257,6 +263,7 @@ async def serve(
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 inner.cancel_scope.cancel()
         finally:
+            sdnotify.notify("STOPPING=1")
             # Unmount first (so nothing new arrives), then the final commit.
             try:
                 pyfuse3.close(unmount=mounted_at(mountpoint))
@@ -311,6 +318,43 @@ async def _on_signal(action: Callable[[], object]) -> None:
             return
 
 
+#: Seconds between looks at the upload backlog for systemd's STATUS= line.
+STATUS_INTERVAL = 2.0
+
+
+def status_line(st: dict[str, object]) -> str:
+    """The one-line STATUS= text for ``systemctl status``, from a status dict (the
+    ``user.megafs.status`` document): ``idle``, or the upload backlog."""
+    objects = _count(st.get("pending_objects"))
+    files = _count(st.get("pending_files", st.get("dirty_files")))
+    mib = _count(st.get("pending_bytes")) / 2**20
+    text = f"uploading {files} files, {mib:.1f} MiB ({objects} objects)"
+    if not objects and not files:
+        text = "idle"
+    if st.get("last_error") and not st.get("last_error_recovered"):
+        text += f"; last store error: {st['last_error']}"
+    return text
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+async def report_status(
+    status: Callable[[], dict[str, object]], interval: float = STATUS_INTERVAL
+) -> None:
+    """Send ``STATUS=`` to systemd whenever the backlog line changes (looked at every
+    ``interval`` seconds), until cancelled. ``status`` reads counters that only the
+    daemon's trio thread changes, and runs on that thread: it sees a consistent state."""
+    last = None
+    while True:
+        line = status_line(status())
+        if line != last:
+            sdnotify.notify(f"STATUS={line}")
+            last = line
+        await trio.sleep(interval)
+
+
 async def _raise_read_ahead(mountpoint: Path) -> None:
     """Let the kernel read ahead 1 MiB at a time on this mount (its FUSE default is
     128 KiB, which caps sequential reads). Runs once the session serves requests:
@@ -354,7 +398,54 @@ def run_foreground(
     opts: MountOptions,
     ready: Callable[[MegafsError | None], None],
 ) -> None:
-    trio.run(serve, store_url, mountpoint, passphrase, opts, ready)
+    """Mount and serve in this process. Under systemd (``Type=notify``) the service
+    manager hears READY=1 once the mount is live, STATUS= lines, and STOPPING=1."""
+
+    def ready_and_notify(error: MegafsError | None) -> None:
+        ready(error)
+        if error is None:
+            sdnotify.notify("READY=1")
+
+    trio.run(serve, store_url, mountpoint, passphrase, opts, ready_and_notify)
+
+
+#: Seconds the parent of a forked daemon waits, after "ok", for the mount to be listed.
+MOUNTINFO_WAIT = 5.0
+
+
+def _read_reply(fd: int, deadline: float) -> str | None:
+    """The child's whole reply (it closes the pipe after writing), or None at the
+    deadline. Closes ``fd``."""
+    chunks: list[bytes] = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            data = os.read(fd, 4096)
+            if not data:
+                return b"".join(chunks).decode("utf-8", "replace")
+            chunks.append(data)
+    finally:
+        os.close(fd)
+
+
+def _stop_child(pid: int, mountpoint: Path) -> None:
+    """Stop a forked daemon that missed its deadline: SIGTERM (a serving daemon unmounts
+    and exits), SIGKILL after a grace period, and no mount left behind either way."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        else:
+            continue
+        break
+    if mounted_at(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
 
 
 def run_daemon(
@@ -366,9 +457,25 @@ def run_daemon(
     pid = os.fork()
     if pid:
         os.close(w)
-        with os.fdopen(r, "rb") as f:
-            reply = f.read().decode("utf-8", "replace")
+        reply = _read_reply(r, time.monotonic() + opts.mount_timeout)
+        if reply is None:
+            _stop_child(pid, mountpoint)
+            print(
+                f"megafs: the mount did not come up within {opts.mount_timeout:g} s "
+                f"(mount_timeout=); see {log_path}",
+                file=sys.stderr,
+            )
+            return exitcodes.ERROR
         if reply == "ok":
+            # The child replies once pyfuse3.init has mounted; check that the kernel
+            # says so too, in this process's view (bounded: it should already be there).
+            deadline = time.monotonic() + MOUNTINFO_WAIT
+            while not mounted_at(mountpoint):
+                if time.monotonic() > deadline:
+                    _stop_child(pid, mountpoint)
+                    print(f"megafs: nothing is mounted at {mountpoint}; see {log_path}")
+                    return exitcodes.MOUNTPOINT_ERROR
+                time.sleep(0.02)
             return exitcodes.OK
         status_text, _, msg = reply.partition(" ")
         if not status_text.isdigit():
@@ -380,6 +487,8 @@ def run_daemon(
     # Child.
     os.close(r)
     os.setsid()
+    # Not the service's main process: never claim readiness for whoever started us.
+    os.environ.pop("NOTIFY_SOCKET", None)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     devnull = os.open(os.devnull, os.O_RDWR)

@@ -42,12 +42,12 @@ from megafs.mega.session import (
 from megafs.mega.tree import Tree
 from megafs.mount import (
     MountError,
-    _lock_local_state,
     _on_signal,
     _raise_read_ahead,
     check_mountpoint,
     mounted_at,
 )
+from megafs.stack import lock_local_state
 from megafs.vfs.blockcache import BlockCache
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ async def logout_account(url: str, password: str, opts: MountOptions) -> bool:
     try:
         if not path.exists():
             return False
-        lock = _lock_local_state(local)
+        lock = lock_local_state(local)
         try:
             cached = await trio.to_thread.run_sync(load_session, path, email, password)
             if cached is not None:
@@ -178,7 +178,7 @@ async def serve_mega(
         password = passphrase.decode("utf-8")
         api = MegaApi()
         local = local_dir(opts, api, email)
-        lock = _lock_local_state(local)
+        lock = lock_local_state(local)
         api, session = await connect(email, password, local, api=api)
         api.renew_session = _renewer(api, session, email, password, local / "session")
         tree, sn = await fetch_tree(api, session)

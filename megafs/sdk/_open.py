@@ -1,0 +1,152 @@
+"""Opening a drive for a program: :func:`open_drive`.
+
+A drive is open for the body of an ``async with``: its background work runs in a
+nursery that the context manager owns, as a mount's does in the daemon (see
+:mod:`megafs.stack`): the uploader (staged objects to the store), the lease renewer,
+the committer (everything reaches the sealed local journal within
+``commit_interval``) and, read-only, the checker for changes made by the volume's
+writer elsewhere. That is why it is ``async with open_drive(...)`` and not a plain
+``await``: background tasks need a scope that ends.
+
+Leaving the block closes files left open, makes the final commit (shielded from
+cancellation: it only writes to local disk), then, with ``wait_for_uploads`` and
+unless the block ended with an exception, waits until the store holds everything,
+as ``megafs umount`` does. That wait can be
+cancelled (Ctrl-C, a cancel scope): what is not uploaded stays sealed in the staging
+area and the next opening or mount on this machine uploads it. The lease is given
+back only when nothing is left to upload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from megafs.config import MountOptions, UsageError, default_cache_root
+from megafs.sdk._drive import Drive
+from megafs.stack import VolumeStack, open_stack
+from megafs.volume.lease import LeaseHeld
+from megafs.volume.maintenance import Secret, read_key_file
+
+log = logging.getLogger(__name__)
+
+
+def _secret(passphrase: str | bytes | None, key_file: str | os.PathLike[str] | None) -> Secret:
+    if passphrase is not None and key_file is not None:
+        raise UsageError("give passphrase= or key_file=, not both")
+    if key_file is not None:
+        return read_key_file(Path(key_file))
+    if passphrase is None or not passphrase:
+        raise UsageError("a volume opens with passphrase= or key_file=")
+    return passphrase.encode() if isinstance(passphrase, str) else bytes(passphrase)
+
+
+@asynccontextmanager
+async def open_drive(
+    url: str,
+    *,
+    passphrase: str | bytes | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    read_only: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    commit_interval: float = 1.0,
+    fsync_remote: bool = False,
+    wait_for_uploads: bool = True,
+) -> AsyncIterator[Drive]:
+    """Open the megafs volume at ``url`` (a STORE as for ``megafs mount``: a path,
+    ``file://``, ``s3://``, ``webdav+http(s)://``) for the body of ``async with``::
+
+        async with megafs.sdk.open_drive("/srv/vol", passphrase="...") as drive:
+            await drive.write_bytes("hello.txt", b"hi")
+
+    The volume opens with ``passphrase`` or with a ``key_file`` (``megafs
+    export-key``). Read-write, the drive holds the volume's single-writer lease: if a
+    mount or program elsewhere holds it, :class:`~megafs.volume.lease.LeaseHeld` names
+    the holder; ``read_only=True`` is always allowed. ``cache_dir`` holds the sealed
+    block cache and staging area (default: the same as ``megafs mount``'s).
+    ``fsync_remote`` makes ``File.fsync`` wait for the store. See the module docstring
+    for what leaving the block waits for."""
+    opts = MountOptions(
+        read_only=read_only,
+        cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_root(),
+        commit_interval=commit_interval,
+        fsync_remote=fsync_remote,
+    )
+    secret = _secret(passphrase, key_file)
+    try:
+        stack = await open_stack(url, secret, opts)
+    except LeaseHeld as exc:
+        raise LeaseHeld(f"{exc}; a program can open it with read_only=True") from None
+    # The caller's exception is caught inside the nursery and raised again outside
+    # it, so that it arrives as itself and not wrapped in an ExceptionGroup; so is a
+    # background task's single failure.
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            drive = Drive(stack.vfs, url, sync=partial(_sync, stack))
+            try:
+                await _start(stack, nursery)
+                try:
+                    yield drive
+                except BaseException as exc:
+                    body_error = exc
+            finally:
+                await _finish(stack, drive, wait_for_uploads and body_error is None)
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1 or isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise
+        raise group.exceptions[0] from body_error
+    finally:
+        if stack.lock is not None:
+            os.close(stack.lock)
+    if body_error is not None:
+        raise body_error
+
+
+async def _start(stack: VolumeStack, nursery: trio.Nursery) -> None:
+    vfs = stack.vfs
+    if stack.staging is not None:
+        nursery.start_soon(stack.staging.run_uploader)
+    if stack.lease is not None:
+
+        def lease_lost() -> None:
+            vfs.read_only = True  # another writer has the volume now: stop committing
+
+        nursery.start_soon(partial(stack.lease.run, lease_lost))
+    await nursery.start(vfs.run_committer)
+    await nursery.start(vfs.run_refresher)
+
+
+async def _sync(stack: VolumeStack, remote: bool) -> None:
+    if stack.vfs.read_only:
+        return
+    await stack.vfs.sync()
+    if remote and stack.staging is not None:
+        await stack.staging.wait_idle()
+
+
+async def _finish(stack: VolumeStack, drive: Drive, wait_for_uploads: bool) -> None:
+    """Close the drive (see the module docstring)."""
+    staging = stack.staging
+    try:
+        with trio.CancelScope(shield=True):
+            try:
+                await drive._close_files()
+            finally:
+                drive.closed = True
+                await stack.vfs.close()
+        if wait_for_uploads and staging is not None and staging.pending_count:
+            log.info("waiting for %d objects to reach the store", staging.pending_count)
+            await staging.wait_idle()
+    finally:
+        with trio.CancelScope(shield=True):
+            if stack.lease is not None and (staging is None or not staging.pending_count):
+                await stack.lease.release()
+            await stack.volume.aclose()
