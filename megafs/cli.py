@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from megafs import exitcodes
+from megafs import exitcodes, mounthelper
 from megafs.config import UsageError, parse_options, read_passphrase
 from megafs.errors import MegafsError, VolumeError
 from megafs.mount import (
@@ -505,6 +505,10 @@ def cmd_export_key(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if mounthelper.is_mount_fuse_call(argv):  # fstab type fuse.megafs, through mount.fuse3
+        return mounthelper.main(argv)
     args = _parser().parse_args(argv)
     if getattr(args, "s3_endpoint", None):
         os.environ["MEGAFS_S3_ENDPOINT"] = args.s3_endpoint  # read by open_store (and daemon)
