@@ -434,18 +434,21 @@ def _stop_child(pid: int, mountpoint: Path) -> None:
     """Stop a forked daemon that missed its deadline: SIGTERM (a serving daemon unmounts
     and exits), SIGKILL after a grace period, and no mount left behind either way."""
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+        os.kill(pid, sig)  # not reaped yet, so the pid is still our child's
+        if _reaped(pid, grace):
             break
-        deadline = time.monotonic() + grace
-        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        else:
-            continue
-        break
     if mounted_at(mountpoint):
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+def _reaped(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for child ``pid`` to exit; True once reaped."""
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def run_daemon(
