@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from megafs import exitcodes, mounthelper
+from megafs import exitcodes, filecmds, mounthelper
 from megafs.config import UsageError, parse_options, read_passphrase
 from megafs.errors import MegafsError, VolumeError
 from megafs.mount import (
@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "--wait-idle", action="store_true", help="return once nothing is waiting to be uploaded"
     )
     _add_maintenance_parsers(sub)
+    filecmds.add_parsers(sub)
     return p
 
 
@@ -524,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "fsck": cmd_fsck,
             "gc": cmd_gc,
             "export-key": cmd_export_key,
+            **filecmds.HANDLERS,
         }[args.cmd]
         return handler(args)
     except MegafsError as exc:
