@@ -19,8 +19,10 @@ import trio
 from megafs.errors import PreconditionFailed, StoreError
 from megafs.stores import open_store
 from megafs.stores.base import ObjectStore
-from megafs.stores.webdav import WebDavStore, _BasicOrDigest
+from megafs.stores.retry import RetryPolicy
+from megafs.stores.webdav import LOCK_TIMEOUT, WebDavStore, _BasicOrDigest
 from megafs.testing import storecheck
+from megafs.testing.faultproxy import FaultProxy, status
 from megafs.testing.webdavserver import WebDavServer, apache_webdav, rclone_webdav
 from megafs.volume.drive import Volume
 from tests.conftest import MEGAFS, PASSPHRASE, TEST_KDF, Mount, serving
@@ -232,3 +234,58 @@ def test_digest_auth() -> None:
             await bad.aclose()
 
         run(main)
+
+
+FAST = RetryPolicy(initial=0.02, max_delay=0.2, max_total=30.0)
+
+
+@pytest.fixture
+def locking_dav() -> Iterator[tuple[WebDavServer, FaultProxy]]:
+    """rclone (it ignores If-None-Match: conditional puts use LOCK) behind a fault proxy."""
+    if shutil.which("rclone") is None:
+        pytest.skip("rclone not installed")
+    with rclone_webdav() as srv, FaultProxy.start(srv.url.removeprefix("webdav+")) as proxy:
+        yield srv, proxy
+
+
+def test_lock_whose_unlock_failed_is_released_by_the_next_put(
+    locking_dav: tuple[WebDavServer, FaultProxy],
+) -> None:
+    srv, proxy = locking_dav
+    (srv.root / "u").mkdir()
+    unlock = proxy.add(status(500, method="UNLOCK", count=1))
+
+    async def main() -> None:
+        s = WebDavStore(f"{proxy.url}/u", auth=httpx.BasicAuth(srv.user, srv.password), policy=FAST)
+        try:
+            etag = await s.put("k/lease", b"one", if_none_match=True)
+            assert unlock.count == 0  # our lock stayed on the server
+            with trio.fail_after(LOCK_TIMEOUT / 2):  # not waiting for it to expire
+                etag = await s.put("k/lease", b"two", if_match=etag)
+                await s.put("k/lease", b"three", if_match=etag)
+            assert await s.get("k/lease") == b"three"
+        finally:
+            await s.aclose()
+
+    run(main)
+
+
+def test_failed_create_under_lock_leaves_no_empty_object(
+    locking_dav: tuple[WebDavServer, FaultProxy],
+) -> None:
+    srv, proxy = locking_dav
+    (srv.root / "c").mkdir()
+    refused = proxy.add(status(503, method="PUT", path=r"/c/k/new$", count=1))
+
+    async def main() -> None:
+        s = WebDavStore(f"{proxy.url}/c", auth=httpx.BasicAuth(srv.user, srv.password), policy=FAST)
+        try:
+            await s.put("k/new", b"created", if_none_match=True)  # LOCK made it, PUT refused
+            assert refused.count == 0
+            assert await s.get("k/new") == b"created"
+            with pytest.raises(PreconditionFailed):
+                await s.put("k/new", b"again", if_none_match=True)
+        finally:
+            await s.aclose()
+
+    run(main)

@@ -13,6 +13,7 @@ may both succeed. This is logged once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -34,6 +35,9 @@ T = TypeVar("T")
 
 _DAV: Final = "{DAV:}"
 _TRANSIENT_STATUS: Final = frozenset({408, 423, 425, 429, 500, 502, 503, 504, 507})
+#: Seconds our LOCKs last (conditional puts under a lock): a lock we lost track of
+#: (the answer to our LOCK never came) blocks writes to that object for this long.
+LOCK_TIMEOUT: Final = 15
 _PROPFIND_BODY: Final = (
     b'<?xml version="1.0" encoding="utf-8"?>'
     b'<d:propfind xmlns:d="DAV:"><d:prop>'
@@ -125,6 +129,10 @@ class WebDavStore:
         self._conditional: str | None = None  # "headers", "lock" or "none"; see put()
         self._can_lock = False  # server has class 2 (LOCK); set by the probe
         self._probe_lock = trio.Lock()
+        # Locks of ours whose UNLOCK failed (encoded path -> lock token): released when a
+        # request on that path meets 423 Locked. Concurrency: entries are added and
+        # popped in synchronous sections only.
+        self._stale_locks: dict[str, str] = {}
 
     @classmethod
     def from_url(cls, url: str) -> WebDavStore:
@@ -167,6 +175,10 @@ class WebDavStore:
         code = resp.status_code
         if code in (401, 403):
             raise StoreError(f"WebDAV credentials refused ({code}) by {self._url}")
+        if code == 423 and (token := self._stale_locks.pop(path, None)) is not None:
+            # Our own lock, left behind when its UNLOCK failed: release it; the caller
+            # retries (423 is transient).
+            await self._unlock(path, token)
         if code in _TRANSIENT_STATUS or code >= 500:
             raise StoreUnavailable(f"WebDAV {method} answered {code}")
         return resp
@@ -316,9 +328,11 @@ class WebDavStore:
 
         LOCK on an unmapped URL creates an empty, locked resource and answers 201: that is
         our atomic create-only test. While we hold the lock, other writers get 423 Locked
-        (retried as transient), so check-then-put is safe. If we die holding the lock, it
-        expires after its timeout; a create-only put that dies between LOCK and PUT leaves
-        an empty object under the key (a later reader sees an empty/invalid object).
+        (retried as transient), so check-then-put is safe. A put that fails after a LOCK
+        that created the resource deletes it again, so a retry finds the key free. If we
+        die holding the lock, it expires after ``LOCK_TIMEOUT``; one that dies between
+        LOCK and PUT leaves an empty object under the key (a later reader sees an
+        empty, invalid object; the volume's lease replaces one).
         """
         await self._mkcol_chain(path)
         body = (
@@ -329,7 +343,11 @@ class WebDavStore:
         resp = await self._request(
             "LOCK",
             path,
-            headers={"Timeout": "Second-60", "Depth": "0", "Content-Type": "application/xml"},
+            headers={
+                "Timeout": f"Second-{LOCK_TIMEOUT}",
+                "Depth": "0",
+                "Content-Type": "application/xml",
+            },
             content=body,
         )
         if resp.status_code == 409:
@@ -344,6 +362,7 @@ class WebDavStore:
         if not token.startswith("<"):
             token = f"<{token}>"
         if_header = {"If": f"({token})"}
+        written = False
         try:
             # 201 means our LOCK created an empty resource. Some servers (RFC 2518
             # lock-null resources, e.g. Apache) answer 200 and the URL stays unmapped
@@ -359,19 +378,37 @@ class WebDavStore:
             if if_match is not None and (
                 cur is None or _strip_weak(cur.etag) != _strip_weak(if_match)
             ):
-                if created:
-                    await self._request("DELETE", path, headers=if_header)
                 raise PreconditionFailed(key)
             resp = await self._request("PUT", path, headers=if_header, content=data)
+            if resp.status_code == 412:
+                # Our lock is gone (it expired before the PUT came): start again.
+                raise StoreUnavailable(f"WebDAV PUT {key}: our lock expired")
             if resp.status_code not in (200, 201, 204):
                 raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+            written = True
         finally:
             with trio.CancelScope(shield=True):
-                try:
-                    await self._request("UNLOCK", path, headers={"Lock-Token": token})
-                except StoreError as exc:
-                    log.warning("%s: UNLOCK %s failed: %s", self._url, key, exc)
+                if created and not written:
+                    # Leave no empty resource behind: a retry of this create-only put
+                    # would take it for another writer's object.
+                    with contextlib.suppress(StoreError):
+                        await self._request("DELETE", path, headers=if_header)
+                await self._unlock(path, token)
         return (await self._head_once(key)).etag
+
+    async def _unlock(self, path: str, token: str) -> None:
+        """Release our lock on ``path``; if that fails it is remembered and released
+        when a later request meets it (it expires after ``LOCK_TIMEOUT`` anyway)."""
+        try:
+            resp = await self._request("UNLOCK", path, headers={"Lock-Token": token})
+        except StoreError as exc:
+            if isinstance(exc, StoreUnavailable):
+                self._stale_locks[path] = token
+            log.warning("%s: UNLOCK %s failed: %s", self._url, path, exc)
+            return
+        if resp.status_code >= 300 and resp.status_code not in (404, 409, 412):
+            # 404/409/412: the lock (or the resource) is gone already.
+            log.warning("%s: UNLOCK %s answered %d", self._url, path, resp.status_code)
 
     async def put(
         self,
