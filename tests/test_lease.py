@@ -13,7 +13,7 @@ import trio
 from conftest import MEGAFS, PASSPHRASE, Mount, needs_fuse, new_mount
 
 from megafs.format.header import derive_keys
-from megafs.stores import LocalStore, MemoryStore
+from megafs.stores import LocalStore, MemoryStore, ObjectInfo, ObjectStore
 from megafs.volume.lease import LEASE_KEY, Lease, LeaseHeld
 
 
@@ -70,6 +70,60 @@ def test_renewal_keeps_it_and_a_damaged_lease_is_replaced() -> None:
         await other.acquire()
         current = await other.read()
         assert current is not None and current[0].mount_id == other.mount_id
+
+    trio.run(main)
+
+
+class _AnswerLost:
+    """A store whose conditional puts land but whose answer is lost once: the store's
+    retry of the same put then finds the ETag it made and is refused (412)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.lost_answers = 0
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        return await self.inner.get(key, start, end)
+
+    async def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        etag = await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
+        if if_match is None:
+            return etag
+        self.lost_answers += 1
+        return await self.inner.put(key, data, if_match=if_match)  # raises PreconditionFailed
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self.inner.head(key)
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return await self.inner.list(prefix)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_renewal_whose_answer_was_lost_keeps_the_lease() -> None:
+    async def main() -> None:
+        store = _AnswerLost(MemoryStore())
+        lease = Lease(store, derive_keys(b"k" * 32, b"v" * 16), ttl=0.2)
+        await lease.acquire()
+        with trio.move_on_after(0.5):
+            await lease.run(lambda: pytest.fail("lease given up after a lost answer"))
+        assert store.lost_answers >= 3 and not lease.lost
+        current = await lease.read()
+        assert current is not None and current[0].mount_id == lease.mount_id
+        assert lease.etag == current[1]
+        await lease.release()
+        assert await lease.read() is None
 
     trio.run(main)
 

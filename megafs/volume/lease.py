@@ -12,7 +12,8 @@ the ETag it last wrote, so two mounts can never both believe they hold it:
   once, since its holder cannot be running any more;
 * a renewal refused (someone else took the lease after ours expired, e.g. while the store
   was unreachable for longer than the ttl): ``on_lost`` is called and the mount stops
-  writing.
+  writing. A refusal of our own renewal (it landed, its answer was lost, and the store's
+  retry saw the new ETag) is recognised by the mount id in the lease: still ours.
 
 Read-only mounts (``-o ro``) take no lease. Clocks: expiry is wall-clock time of the
 writer's machine, so machines sharing a volume need roughly synchronised clocks (well
@@ -197,12 +198,17 @@ class Lease:
                 log.warning("could not renew the volume's lease: %s; retrying", exc)
                 continue
             if not ok:
-                self.lost = True
                 current = None
                 try:
                     current = await self.read()
                 except (StoreError, IntegrityError):
                     pass
+                if current is not None and current[0].mount_id == self.mount_id:
+                    # Our renewal did land, but its answer was lost and the store's
+                    # retry found the ETag it had just made: the lease is still ours.
+                    self.etag = current[1]
+                    continue
+                self.lost = True
                 who = current[0].describe() if current else "another mount"
                 log.error(
                     "the volume's lease was taken over by %s: this mount stops writing "
