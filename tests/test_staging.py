@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import trio
 
 from megafs.errors import ObjectNotFound, StoreUnavailable
 from megafs.stores import MemoryStore
+from megafs.stores.retry import RetryPolicy
+from megafs.stores.s3 import S3Store
+from megafs.stores.sigv4 import Credentials
 from megafs.stores.staging import StagingStore
 from megafs.testing import FaultyStore, check_store
 
@@ -120,6 +124,35 @@ def test_failed_uploads_are_retried_and_nothing_lost(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
         assert await remote.inner.get("d/x") == b"X"
         assert s.last_error is not None and "503" in s.last_error
+
+    trio.run(main)
+
+
+def test_error_shows_while_the_store_still_retries(tmp_path: Path) -> None:
+    """An unreachable store: ``last_error`` says so at once, not when the store's own
+    retries give up (minutes later), and the upload keeps waiting for the store."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    remote = S3Store(
+        "bucket",
+        credentials=Credentials("key", "secret"),
+        endpoint=f"http://127.0.0.1:{port}",
+        policy=RetryPolicy(initial=0.05, max_delay=0.1, max_total=600),
+    )
+
+    async def main() -> None:
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        await s.put("d/x", b"X")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            with trio.fail_after(10):
+                while s.last_error is None:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert "ConnectError" in s.last_error and "gave up" not in s.last_error
+        assert s.pending_count == 1
+        await remote.aclose()
 
     trio.run(main)
 

@@ -4,6 +4,10 @@ A :class:`RetryPolicy` says how long and how often; a :class:`Backoff` is the st
 operation under it; :func:`retrying` runs an operation until it succeeds, fails with a
 permanent error, or the policy runs out. Transient failures are the ones a store reports
 as :class:`~megafs.errors.StoreUnavailable` (timeouts, resets, 5xx, 429, SlowDown...).
+
+A caller that wants to see each failure as it is retried (not only the last one, up to
+``max_total`` later), e.g. to show it in ``megafs status``, sets :data:`retry_observer`
+for the tasks that call the store: trio tasks inherit it from the task that starts them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final, TypeVar, final
 
@@ -31,11 +36,12 @@ class RetryPolicy:
     Delays start at ``initial`` seconds and grow by ``multiplier`` up to ``max_delay``;
     each is scaled by a random factor in ``[1 - jitter, 1]``. Retrying stops when the
     next sleep would end more than ``max_total`` seconds after the first attempt, or
-    after ``max_attempts`` attempts if that is set.
+    after ``max_attempts`` attempts if that is set. The default ``max_delay`` means a
+    store that comes back after an outage is used again within about 10 s.
     """
 
     initial: float = 0.25
-    max_delay: float = 30.0
+    max_delay: float = 10.0
     max_total: float = 120.0
     multiplier: float = 2.0
     jitter: float = 0.5
@@ -43,6 +49,12 @@ class RetryPolicy:
 
 
 DEFAULT_POLICY: Final = RetryPolicy()
+
+#: Called with every transient failure :func:`retrying` is about to retry, in the task
+#: that retries it (see the module docstring). Must not block or raise.
+retry_observer: ContextVar[Callable[[BaseException], None] | None] = ContextVar(
+    "retry_observer", default=None
+)
 
 
 @final
@@ -98,6 +110,8 @@ async def retrying(
             delay = backoff.next_delay()
             if delay is None:
                 raise backoff.exhausted(exc) from None
+            if (observe := retry_observer.get()) is not None:
+                observe(exc)
             log.warning(
                 "%s: %s; retrying in %.2f s (attempt %d)", what, exc, delay, backoff.attempts
             )

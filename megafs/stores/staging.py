@@ -50,6 +50,7 @@ import trio
 
 from megafs.errors import NoSpace, ObjectNotFound, StoreError
 from megafs.stores.base import ObjectInfo, ObjectStore
+from megafs.stores.retry import retry_observer
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,7 @@ class StagingStore:
         staged is ever dropped."""
         in_flight: set[int] = set()
         limit = trio.Semaphore(self.concurrency)
+        retry_observer.set(self._retrying)  # for the upload tasks started below
         async with trio.open_nursery() as nursery:
             while True:
                 started = False
@@ -367,6 +369,12 @@ class StagingStore:
                         break
                 if not started:
                     await self._wait_change()
+
+    def _retrying(self, exc: BaseException) -> None:
+        """An upload's store request failed and the store retries it: show the error at
+        once (``last_error``), not only when the store gives up, minutes later."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error_time = trio.current_time()
 
     async def _on_remote(self, e: _Entry) -> bool:
         if self._is_barrier(e.key):
