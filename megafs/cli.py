@@ -32,6 +32,7 @@ from megafs.mount import (
     run_daemon,
     run_foreground,
 )
+from megafs.progress import ProgressLine, human_bytes
 from megafs.stores import LocalStore, ObjectStore, open_store
 from megafs.volume import maintenance
 from megafs.volume.check import Report
@@ -61,6 +62,35 @@ def _late_reply_filter(record: logging.LogRecord) -> bool:
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
     return True
+
+
+STATUS_FIELDS = """\
+fields of --json (bytes, seconds, Unix times):
+  drive                 "volume" or "mega"
+  read_only             whether the mount is read-only
+  pending_files         files with changes not all on the store yet
+  pending_bytes         bytes staged and not yet uploaded
+  pending_objects       store objects staged and not yet uploaded (MEGA: files)
+  dirty_files           files with changes not yet staged (written within the
+                        commit interval)
+  uploaded_bytes        bytes uploaded since the mount
+  upload_rate           bytes/s uploaded over the last upload_rate_window seconds
+  cache_bytes, cache_max_bytes, cache_hits, cache_misses
+  cache_hit_rate        hits / lookups of the block cache (null: no lookup yet)
+  dir_objects_cached    directory objects in memory (MEGA: every folder)
+  last_error            the store's last error (null: none this mount); kept until
+                        a newer one replaces it, never cleared
+  last_error_time       when it happened
+  last_error_recovered  whether the store has answered since
+  store_errors          failed store requests/uploads this mount
+  errors                failed background commits (and MEGA read errors)
+  lease                 the single-writer lease this mount holds: host, pid,
+                        mount_id, since, expires (null: none held)
+  lease_state           "held", "lost" (another mount took it over), "none"
+                        (read-only mounts take no lease) or "n/a" (MEGA)
+  lease_taken_by        who took the lease over, once lost
+  blocked               MEGA: why uploads cannot proceed (e.g. over quota)
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,7 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     po.add_argument("--passphrase-file", type=Path)
     po.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
 
-    ps = sub.add_parser("status", help="pending uploads, cache use, errors")
+    ps = sub.add_parser(
+        "status",
+        help="pending uploads, cache use, errors",
+        description="What a mount is doing. --json prints the status document for "
+        "scripts; its field names are stable (fields are only ever added).",
+        epilog=STATUS_FIELDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ps.add_argument("mountpoint", type=Path)
     ps.add_argument("--json", action="store_true")
     ps.add_argument(
@@ -245,17 +282,23 @@ def _status(mnt: Path) -> dict[str, Any]:
     return result
 
 
-def _wait_idle(mnt: Path, timeout: float, progress: bool) -> None:
-    """Poll until the mount has nothing left to upload."""
+def _wait_idle(mnt: Path, timeout: float, progress: ProgressLine | None = None) -> None:
+    """Poll until the mount has nothing left to upload, showing what is left on
+    ``progress`` (a terminal line; nothing when it is disabled)."""
     deadline = time.monotonic() + timeout
-    shown = False
+    started = time.time()
+    base: int | None = None
     while True:
         st = _status(mnt)
+        if base is None:
+            base = int(st.get("uploaded_bytes", 0))
         if not st["pending_objects"] and not st["dirty_files"]:
             break
         if st.get("blocked"):
             # Uploads that only the user can unblock (e.g. the account is over quota): the
             # files stay staged, sealed, and the next mount uploads them.
+            if progress is not None:
+                progress.done()
             print(
                 f"megafs: {st['dirty_files']} file(s) not uploaded ({st['blocked']}); "
                 "they stay staged and upload on the next mount",
@@ -263,42 +306,139 @@ def _wait_idle(mnt: Path, timeout: float, progress: bool) -> None:
             )
             return
         if time.monotonic() > deadline:
+            if progress is not None:
+                progress.done()
             raise MountError(
                 f"{mnt}: still {st['pending_bytes'] / 2**20:.1f} MiB to upload after "
                 f"{timeout:.0f} s; not waiting longer"
             )
-        if progress:
-            line = (
-                f"uploading {st['pending_bytes'] / 2**20:.1f} MiB "
-                f"({st['pending_objects']} objects, {st['dirty_files']} files)..."
-            )
-            if st["last_error"]:
-                line += f" last error: {st['last_error']}"
-            print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
-            shown = True
+        if progress is not None:
+            done = max(0, int(st.get("uploaded_bytes", 0)) - base)
+            total = done + int(st["pending_bytes"])
+            progress.update(_upload_line(st, started), done / total if total else None)
         time.sleep(0.1)
-    if shown:
-        print("\r\033[Kall changes are on the store", file=sys.stderr)
+    if progress is not None:
+        progress.done("all changes are on the store")
+
+
+def _upload_line(st: dict[str, Any], since: float) -> str:
+    """``uploading 312.0 MiB, 14 files, 8.1 MiB/s`` (and a recent store error)."""
+    files = int(st.get("pending_files", st["dirty_files"]))
+    if files:
+        what = f"{files} file{'' if files == 1 else 's'}"
+    else:  # only metadata left (directories, renames, deletions)
+        objects = int(st["pending_objects"])
+        what = f"{objects} object{'' if objects == 1 else 's'}"
+    if st["pending_bytes"]:
+        line = f"uploading {human_bytes(st['pending_bytes'])}, {what}"
+    else:
+        line = f"committing {what}"
+    rate = float(st.get("upload_rate") or 0.0)
+    if rate:
+        line += f", {human_bytes(rate)}/s"
+    when = st.get("last_error_time")
+    if st.get("last_error") and isinstance(when, int | float) and when >= since - 30:
+        line += f"; store error: {st['last_error']}"
+    return line
+
+
+def _ago(when: float) -> str:
+    secs = max(0.0, time.time() - when)
+    if secs < 120:
+        return f"{secs:.0f} s ago"
+    if secs < 7200:
+        return f"{secs / 60:.0f} min ago"
+    return f"{secs / 3600:.1f} h ago"
+
+
+def _stamp(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def format_status(st: dict[str, Any]) -> list[str]:
+    """The human ``megafs status`` lines (label, value), from the status document;
+    fields an older daemon does not report are left out."""
+    rows: list[tuple[str, str]] = []
+    mega = st.get("drive") == "mega" or st.get("account") == "mega"
+    mode = "read-only" if st.get("read_only") else "read-write"
+    if mega:
+        nodes = f", {st.get('nodes', 0)} nodes"
+        if st.get("undecryptable_nodes"):
+            nodes += f" ({st['undecryptable_nodes']} undecryptable)"
+        rows.append(("drive", f"MEGA account ({mode}){nodes}, megafs pid {st.get('pid')}"))
+    else:
+        rows.append(("drive", f"megafs volume ({mode}), megafs pid {st.get('pid')}"))
+    files = st.get("pending_files", st.get("dirty_files", 0))
+    pending = f"{files} file{'' if files == 1 else 's'}, {human_bytes(st.get('pending_bytes', 0))}"
+    if not mega:
+        pending += f" in {st.get('pending_objects', 0)} objects"
+    if st.get("dirty_files") and not mega:
+        pending += f" ({st['dirty_files']} not yet staged)"
+    rows.append(("uploads pending", pending))
+    if st.get("blocked"):
+        rows.append(("uploads blocked", str(st["blocked"])))
+    rate = f"{human_bytes(float(st.get('upload_rate') or 0.0))}/s"
+    if "upload_rate_window" in st:
+        rate += f" (last {st['upload_rate_window']:g} s)"
+    rows.append(("upload rate", f"{rate}; {human_bytes(st.get('uploaded_bytes', 0))} since mount"))
+    hits, misses = st.get("cache_hits", 0), st.get("cache_misses", 0)
+    ratio = st.get("cache_hit_rate")
+    hit_text = "no lookups yet" if ratio is None else f"hit rate {ratio * 100:.1f}%"
+    rows.append(
+        (
+            "cache",
+            f"{human_bytes(st.get('cache_bytes', 0))} of "
+            f"{human_bytes(st.get('cache_max_bytes', 0))}; {hit_text} "
+            f"({hits} hits, {misses} misses)",
+        )
+    )
+    if "dir_objects_cached" in st:
+        label = "folders in memory" if mega else "directories cached"
+        rows.append((label, str(st["dir_objects_cached"])))
+    error = st.get("last_error")
+    if not error:
+        rows.append(("last store error", "none"))
+    else:
+        when = st.get("last_error_time")
+        prefix = ""
+        if isinstance(when, int | float):
+            since = "; answered since" if st.get("last_error_recovered") else ""
+            prefix = f"{_stamp(when)} ({_ago(when)}{since}): "
+        count = st.get("store_errors")
+        suffix = f" [{count} errors this mount]" if isinstance(count, int) and count > 1 else ""
+        rows.append(("last store error", f"{prefix}{error}{suffix}"))
+    rows.append(("lease", _lease_text(st)))
+    rows.append(("commit errors", str(st.get("errors", 0))))
+    width = max(len(label) for label, _ in rows) + 1
+    return [f"{label + ':':<{width}} {value}" for label, value in rows]
+
+
+def _lease_text(st: dict[str, Any]) -> str:
+    state = st.get("lease_state")
+    lease = st.get("lease")
+    if state == "n/a":
+        return "n/a (MEGA accounts have no lease)"
+    if state == "lost":
+        return f"lost: taken over by {st.get('lease_taken_by') or 'another mount'}"
+    if isinstance(lease, dict):
+        return (
+            f"held by {lease.get('host')} (megafs pid {lease.get('pid')}, mount "
+            f"{lease.get('mount_id')}, since {_stamp(float(lease.get('since', 0)))})"
+        )
+    if st.get("read_only"):
+        return "none (read-only mount)"
+    return "none" if state is None else str(state)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     mnt = args.mountpoint.resolve()
     if args.wait_idle:
-        _wait_idle(mnt, 24 * 3600.0, progress=sys.stderr.isatty())
+        _wait_idle(mnt, 24 * 3600.0, ProgressLine())
     st = _status(mnt)
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
     else:
-        print(
-            f"pending uploads: {st['pending_objects']} objects, "
-            f"{st['pending_bytes'] / 2**20:.1f} MiB; files not yet staged: {st['dirty_files']}"
-        )
-        print(f"uploaded this mount: {st['uploaded_bytes'] / 2**20:.1f} MiB")
-        print(
-            f"cache: {st['cache_bytes'] / 2**20:.1f} of {st['cache_max_bytes'] / 2**20:.0f} MiB,"
-            f" {st['cache_hits']} hits, {st['cache_misses']} misses"
-        )
-        print(f"last store error: {st['last_error'] or 'none'}; commit errors: {st['errors']}")
+        print("\n".join(format_status(st)))
     return exitcodes.OK
 
 
@@ -309,7 +449,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pid: int | None = None
     try:
         pid = int(os.getxattr(mnt, PID_XATTR.decode()))
-        _wait_idle(mnt, args.timeout, progress=sys.stderr.isatty())
+        _wait_idle(mnt, args.timeout, ProgressLine())
     except (OSError, ValueError):
         pid = None
     res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
@@ -393,31 +533,41 @@ def _run_on_store(url: str, fn: Callable[[ObjectStore], Awaitable[_T]]) -> _T:
     return trio.run(run)
 
 
-class _Progress:
-    """A one-line progress display on stderr, only on a terminal."""
+class _WalkProgress:
+    """fsck/gc progress on a terminal (see :mod:`megafs.progress`): the walk, with a
+    bar over the chunk objects the store holds when they were counted first (orphans
+    are in that count, so a volume with garbage ends short of 100%), then gc's
+    deletions."""
 
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
-        self.last = 0.0
-        self.shown = False
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.line = ProgressLine()
+        self.chunks_on_store: int | None = None
+        self._deleting = False
+
+    async def count(self, store: ObjectStore) -> None:
+        """Count the store's chunk objects (one listing), for the bar: only when the
+        line is shown, and a listing that fails only costs the bar."""
+        if not self.line.enabled:
+            return
+        try:
+            self.chunks_on_store = len(await store.list("c/"))
+        except MegafsError:
+            self.chunks_on_store = None
 
     def __call__(self, report: Report) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < 0.2:
-            return
-        self.last = now
-        self.shown = True
-        print(
-            f"\r\033[Kchecking: {report.directories} directories, {report.files} files, "
-            f"{report.chunks} chunks ({report.bytes / 2**20:.1f} MiB)",
-            end="",
-            file=sys.stderr,
-            flush=True,
+        total = self.chunks_on_store
+        chunks = f"{report.chunks}/{total}" if total else str(report.chunks)
+        self.line.update(
+            f"{self.verb}: {report.directories} dirs, {report.files} files, "
+            f"{chunks} chunks, {human_bytes(report.bytes)}",
+            min(1.0, report.chunks / total) if total else None,
         )
 
-    def done(self) -> None:
-        if self.shown:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    def deleting(self, done: int, total: int) -> None:
+        first = not self._deleting
+        self._deleting = True  # a new phase: shown at once
+        self.line.update(f"deleting unreferenced chunks: {done}/{total}", done / total, force=first)
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -430,14 +580,16 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     secret = _secret(args)
-    progress = _Progress()
+    progress = _WalkProgress("checking")
+
+    async def check(store: ObjectStore) -> Report:
+        await progress.count(store)
+        return await maintenance.fsck(store, secret, quick=args.quick, progress=progress)
+
     try:
-        report = _run_on_store(
-            args.store,
-            lambda store: maintenance.fsck(store, secret, quick=args.quick, progress=progress),
-        )
+        report = _run_on_store(args.store, check)
     finally:
-        progress.done()
+        progress.line.done()
     for problem in report.problems:
         print(problem)
     what = "checked for existence" if args.quick else "authenticated"
@@ -453,16 +605,23 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     secret = _secret(args)
-    progress = _Progress()
-    try:
-        result = _run_on_store(
-            args.store,
-            lambda store: maintenance.collect_garbage(
-                store, secret, dry_run=args.dry_run, grace=args.grace, progress=progress
-            ),
+    progress = _WalkProgress("scanning")
+
+    async def collect(store: ObjectStore) -> maintenance.GcResult:
+        await progress.count(store)
+        return await maintenance.collect_garbage(
+            store,
+            secret,
+            dry_run=args.dry_run,
+            grace=args.grace,
+            progress=progress,
+            on_delete=progress.deleting,
         )
+
+    try:
+        result = _run_on_store(args.store, collect)
     finally:
-        progress.done()
+        progress.line.done()
     mib = result.garbage_bytes / 2**20
     if args.dry_run:
         for info in result.garbage:

@@ -39,8 +39,10 @@ from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
 from megafs.kernel_cache import invalidate
 from megafs.mega.fs import MegaVfs
+from megafs.stats import RATE_WINDOW, ErrorLog, hit_rate
 from megafs.stores import LocalStore, open_store
 from megafs.stores.staging import StagingStore
+from megafs.stores.tracked import TrackedStore, track_store
 from megafs.testing.slow import SlowStore
 from megafs.vfs.blockcache import BlockCache
 from megafs.vfs.fs import Vfs
@@ -226,7 +228,7 @@ async def serve(
         )
         vfs.invalidate = invalidate
         await vfs.start()
-        status = _StatusView(vfs, staging, cache)
+        status = _StatusView(vfs, staging, cache, lease, track_store(volume, staging))
         pyfuse3.init(_Ops(vfs, status), str(mountpoint), opts.fuse_options(store.url))
     except MegafsError as exc:
         ready(exc)
@@ -369,25 +371,69 @@ async def _raise_read_ahead(mountpoint: Path) -> None:
 
 
 class _StatusView:
-    """What ``megafs status`` shows, computed on request."""
+    """What ``megafs status`` shows, computed on request (the ``user.megafs.status``
+    document; field names are kept stable for scripts, see ``megafs status --help``).
 
-    def __init__(self, vfs: Vfs, staging: StagingStore | None, cache: BlockCache) -> None:
+    ``last_error`` / ``last_error_time``: the newest failure of the store (a request,
+    or an upload the staging area retries) and when (Unix time). Kept for the life of
+    the mount, never cleared; ``last_error_recovered`` says whether the store has
+    answered since."""
+
+    def __init__(
+        self,
+        vfs: Vfs,
+        staging: StagingStore | None,
+        cache: BlockCache,
+        lease: Lease | None = None,
+        store: TrackedStore | None = None,
+    ) -> None:
         self.vfs, self.staging, self.cache = vfs, staging, cache
+        self.lease, self.store = lease, store
 
     def __call__(self) -> dict[str, object]:
         st = self.staging
+        errors = self.store.errors if self.store is not None else ErrorLog()
+        last_error, last_time = errors.last, errors.time
+        if st is not None and st.last_error_time is not None:
+            if last_time is None or st.last_error_time > last_time:
+                last_error, last_time = st.last_error, st.last_error_time
+        pending_keys = st.pending_keys() if st is not None else set()
         return {
             "pid": os.getpid(),
+            "drive": "volume",
+            "read_only": self.vfs.read_only,
             "pending_objects": st.pending_count if st else 0,
             "pending_bytes": st.pending_bytes if st else 0,
-            "uploaded_bytes": st.uploaded_bytes if st else 0,
-            "last_error": st.last_error if st else None,
+            "pending_files": self.vfs.pending_file_count(pending_keys),
             "dirty_files": self.vfs.dirty_file_count(),
+            "uploaded_bytes": st.uploaded_bytes if st else 0,
+            "upload_rate": st.upload_rate.rate() if st else 0.0,
+            "upload_rate_window": RATE_WINDOW,
             "cache_bytes": self.cache.bytes,
             "cache_max_bytes": self.cache.max_bytes,
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
+            "cache_hit_rate": hit_rate(self.cache.hits, self.cache.misses),
+            "dir_objects_cached": self.vfs.dir_objects_cached(),
+            "last_error": last_error,
+            "last_error_time": last_time,
+            "last_error_recovered": last_time is not None
+            and errors.ok_time is not None
+            and errors.ok_time >= last_time,
+            "store_errors": errors.count,
             "errors": self.vfs.errors,
+            **self._lease(),
+        }
+
+    def _lease(self) -> dict[str, object]:
+        lease = self.lease
+        if lease is None:
+            return {"lease": None, "lease_state": "none", "lease_taken_by": None}
+        held = lease.held()
+        return {
+            "lease": held.as_dict() if held is not None else None,
+            "lease_state": "lost" if lease.lost else "held" if held is not None else "none",
+            "lease_taken_by": lease.taken_by,
         }
 
 

@@ -48,6 +48,18 @@ def chunk_key(cid: bytes) -> str:
     return f"c/{h[:2]}/{h}"
 
 
+def chunk_id_of(key: str) -> bytes | None:
+    """The chunk id named by a store key (the inverse of :func:`chunk_key`), or None
+    if ``key`` is not a chunk's."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "c" or not parts[2].startswith(parts[1]):
+        return None
+    try:
+        return bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+
+
 def block_count(length: int) -> int:
     """How many sealed blocks a chunk of ``length`` plaintext bytes has."""
     return max(1, -(-length // BLOCK_SIZE))

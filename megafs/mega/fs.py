@@ -63,6 +63,7 @@ from megafs.mega.names import NAME_MAX, from_posix_bytes, posix_bytes
 from megafs.mega.reader import ChunkReader, ReadState, cache_key
 from megafs.mega.staged import Staged, Target, load_pending
 from megafs.mega.tree import FOLDER, INBOX, ROOT, RUBBISH, MegaNode, Tree
+from megafs.stats import ErrorLog, RateMeter
 from megafs.vfs.blockcache import BlockCache
 from megafs.vfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, STATE_XATTR, Ctx, StatFs
 from megafs.vfs.node import Attr
@@ -150,7 +151,9 @@ class MegaVfs:
         self.errors = 0
         self.uploads_pending = 0
         self.uploaded_bytes = 0
-        self.last_error: str | None = None
+        self.upload_rate = RateMeter()
+        # The last failed upload and when (kept until a newer failure replaces it).
+        self.upload_errors = ErrorLog()
         self._queue_send, self._queue = trio.open_memory_channel[Inode](math.inf)
         self._queued: set[int] = set()
 
@@ -199,8 +202,16 @@ class MegaVfs:
                 except Exception as exc:
                     log.warning("upload at unmount failed (%s); the next mount retries it", exc)
 
+    @property
+    def last_error(self) -> str | None:
+        return self.upload_errors.last
+
     def dirty_file_count(self) -> int:
         return sum(1 for n in self.inodes.values() if n.dirty and not n.unlinked)
+
+    def folder_count(self) -> int:
+        """Folders in the node tree (all of it is in memory from the mount on)."""
+        return sum(1 for m in self.tree.nodes.values() if m.is_folder)
 
     def pending_bytes(self) -> int:
         return sum(
@@ -783,7 +794,7 @@ class MegaVfs:
             err = MegaOverQuota(detail="the file does not fit in the account's storage quota")
             node.upload_error = err
             self.errors += 1
-            self.last_error = str(err)
+            self.upload_errors.error(str(err))
             log.warning("upload refused before sending: %s; the file stays staged", err)
             raise FsError(errno.EDQUOT, str(err))
 
@@ -800,7 +811,7 @@ class MegaVfs:
                 await self._upload(node)
             except (MegaError, FsError, OSError) as exc:
                 self.errors += 1
-                self.last_error = str(exc)
+                self.upload_errors.error(str(exc))
                 log.warning("upload failed (%s); the file stays staged and is retried", exc)
 
     async def release(self, fh: int) -> None:
@@ -826,7 +837,7 @@ class MegaVfs:
             await self._upload(node)
         except MegaError as exc:
             self.errors += 1
-            self.last_error = str(exc)
+            self.upload_errors.error(str(exc))
             code = errno_for(exc)
             log.warning("upload failed (%s); the file stays staged and is retried", exc)
             raise FsError(code, str(exc)) from None
@@ -853,6 +864,7 @@ class MegaVfs:
                 return data
 
             try:
+                self.upload_rate.busy()
                 reply = await transfer.upload(
                     self.api,
                     self.api.http,
@@ -861,6 +873,7 @@ class MegaVfs:
                     parent=parent,
                     attrs=attrs,
                     master_key=self.tree.master_key,
+                    on_sent=self.upload_rate.add,
                 )
             except BaseException as exc:
                 node.upload_error = exc
@@ -878,6 +891,7 @@ class MegaVfs:
             node.dirty = False
             node.upload_error = None
             self.uploaded_bytes += staged.size
+            self.upload_errors.ok()
             if node.opens == 0:
                 staged.discard()
                 node.staged = None
@@ -914,11 +928,15 @@ class MegaVfs:
             await trio.sleep(RETRY_INTERVAL)
             for node in list(self.inodes.values()):
                 if node.dirty and node.upload_error is not None and not node.opens:
+                    before = str(node.upload_error)
                     try:
                         await self._upload(node)
                         log.info("staged upload finished after a retry")
                     except Exception as exc:
-                        log.warning("staged upload still failing: %s", exc)
+                        self.upload_errors.error(str(exc))
+                        # One line per new failure, not one every RETRY_INTERVAL.
+                        level = logging.DEBUG if str(exc) == before else logging.WARNING
+                        log.log(level, "staged upload still failing: %s", exc)
 
     # ------------------------------------------------------------ events
 

@@ -48,6 +48,7 @@ from megafs.mount import (
     mounted_at,
 )
 from megafs.stack import lock_local_state
+from megafs.stats import hit_rate
 from megafs.vfs.blockcache import BlockCache
 
 log = logging.getLogger(__name__)
@@ -202,22 +203,41 @@ async def serve_mega(
         await vfs.refresh_quota()
 
         def status() -> dict[str, object]:
+            """The same document as a volume mount's (megafs.mount._StatusView): a file
+            is one upload here, so files and objects pending are the same count; the
+            whole node tree is in memory, so every folder counts as a cached directory;
+            MEGA has no lease. The last error is the last failed upload's."""
+            dirty = vfs.dirty_file_count()
+            errors = vfs.upload_errors
             return {
                 "pid": os.getpid(),
+                "drive": "mega",
                 "account": "mega",
+                "read_only": vfs.read_only,
                 "nodes": len(tree.nodes),
                 "undecryptable_nodes": tree.undecryptable,
-                "dirty_files": vfs.dirty_file_count(),
-                "pending_objects": vfs.dirty_file_count(),
+                "dirty_files": dirty,
+                "pending_objects": dirty,
+                "pending_files": dirty,
                 "blocked": vfs.upload_blocked(),
                 "pending_bytes": vfs.pending_bytes(),
                 "uploaded_bytes": vfs.uploaded_bytes,
-                "last_error": vfs.last_error,
+                "upload_rate": vfs.upload_rate.rate(),
+                "upload_rate_window": vfs.upload_rate.window,
                 "cache_bytes": cache.bytes,
                 "cache_max_bytes": cache.max_bytes,
                 "cache_hits": cache.hits,
                 "cache_misses": cache.misses,
+                "cache_hit_rate": hit_rate(cache.hits, cache.misses),
+                "dir_objects_cached": vfs.folder_count(),
+                "last_error": errors.last,
+                "last_error_time": errors.time,
+                "last_error_recovered": errors.recovered,
+                "store_errors": errors.count,
                 "errors": vfs.errors + vfs.reader.errors,
+                "lease": None,
+                "lease_state": "n/a",
+                "lease_taken_by": None,
             }
 
         pyfuse3.init(ops_factory(vfs, status), str(mountpoint), opts.fuse_options(SCHEME + email))

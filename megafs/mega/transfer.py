@@ -306,10 +306,12 @@ async def upload(
     concurrency: int = 4,
     retry: RetryPolicy | None = None,
     max_restarts: int = 3,
+    on_sent: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Upload ``size`` bytes from ``read(offset, length)`` as a new file under ``parent``.
 
     ``attrs`` (e.g. ``{"n": name, "c": fingerprint}``) are encrypted with the file key.
+    ``on_sent(n)`` is called as each piece of ``n`` bytes has been accepted.
     Returns the node object from ``p``. Raises MegaOverQuota when ``u`` answers -17,
     the upload server's last error when restarts run out, and whatever ``read``
     raises.
@@ -321,7 +323,9 @@ async def upload(
     while True:
         key = file_key or crypto.FileKey.random()
         try:
-            token, macs = await _upload_content(api, http, size, read, key, concurrency, policy)
+            token, macs = await _upload_content(
+                api, http, size, read, key, concurrency, policy, on_sent
+            )
             break
         except _Restart as restart:
             attempt += 1
@@ -362,6 +366,7 @@ async def _upload_content(
     key: crypto.FileKey,
     concurrency: int,
     policy: RetryPolicy,
+    on_sent: Callable[[int], None] | None = None,
 ) -> tuple[bytes, list[bytes]]:
     """One upload attempt: ``u`` then every chunk; returns (token, chunk MACs)."""
     target = await api.call({"a": "u", "s": size, "ssl": 0, "v": 2}, retry=policy)
@@ -394,6 +399,8 @@ async def _upload_content(
         body = await _post_piece(http, url, start, cipher, policy)
         if body:
             tokens.add(body)
+        if on_sent is not None:
+            on_sent(length)
 
     async with trio.open_nursery() as nursery:
 

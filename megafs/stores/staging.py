@@ -41,6 +41,7 @@ import logging
 import os
 import random
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from typing import Final, final
 import trio
 
 from megafs.errors import NoSpace, ObjectNotFound, StoreError
+from megafs.stats import RateMeter
 from megafs.stores.base import ObjectInfo, ObjectStore
 from megafs.stores.retry import retry_observer
 
@@ -145,9 +147,13 @@ class StagingStore:
         self._changed = trio.Event()
         # key -> (staged ETag, the remote ETag it became), for conditional puts.
         self._etags: dict[str, tuple[str, str]] = {}
+        # The last failed upload (kept until a newer failure replaces it) and when
+        # (Unix time); see megafs.stats.ErrorLog for the same rule on the store.
         self.last_error: str | None = None
         self.last_error_time: float | None = None
         self.uploaded_bytes = 0
+        self.upload_rate = RateMeter()
+        self._failing_since: float | None = None  # uploads failing since (monotonic)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._recover()
 
@@ -341,6 +347,11 @@ class StagingStore:
     def pending_count(self) -> int:
         return len(self._order)
 
+    def pending_keys(self) -> set[str]:
+        """Keys of the objects staged for upload and not yet on the remote store
+        (deletions not included)."""
+        return {e.key for e in self._order.values() if not e.delete}
+
     # ---------------------------------------------------------------- uploads
 
     async def run_uploader(self) -> None:
@@ -374,7 +385,7 @@ class StagingStore:
         """An upload's store request failed and the store retries it: show the error at
         once (``last_error``), not only when the store gives up, minutes later."""
         self.last_error = f"{type(exc).__name__}: {exc}"
-        self.last_error_time = trio.current_time()
+        self.last_error_time = time.time()
 
     async def _on_remote(self, e: _Entry) -> bool:
         if self._is_barrier(e.key):
@@ -386,6 +397,8 @@ class StagingStore:
 
     async def _upload(self, e: _Entry, limit: trio.Semaphore, in_flight: set[int]) -> None:
         delay = 0.2
+        sent = 0
+        self.upload_rate.busy()
         try:
             while True:
                 try:
@@ -397,14 +410,20 @@ class StagingStore:
                         blob = await trio.to_thread.run_sync(e.path.read_bytes)
                         etag = await self.remote.put(e.key, _payload(blob))
                         self._etags[e.key] = (f"staged-{e.seq}", etag)
+                        sent = e.size
                     break
                 except StoreError as exc:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    self.last_error_time = trio.current_time()
-                    log.warning("upload of %s failed (retrying in %.1f s): %s", e.key, delay, exc)
+                    self._failed(exc, delay)
                     await trio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 30.0)
+            if self._failing_since is not None:
+                log.info(
+                    "uploads succeed again (after %.0f s of failures)",
+                    time.monotonic() - self._failing_since,
+                )
+                self._failing_since = None
             self.uploaded_bytes += e.size
+            self.upload_rate.add(sent)
             e.done = True
             del self._order[e.seq]
             self.pending_bytes -= e.size
@@ -415,3 +434,14 @@ class StagingStore:
             in_flight.discard(e.seq)
             limit.release()
             self._changed.set()
+
+    def _failed(self, exc: StoreError, delay: float) -> None:
+        """Note a failed upload: one warning when uploads start failing, the retries
+        of every upload at debug level until one succeeds again."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error_time = time.time()
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("store error: %s; uploads are retried (nothing staged is lost)", exc)
+        else:
+            log.debug("upload retry in %.1f s: %s", delay, exc)

@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from megafs.errors import FsError, IntegrityError, MegafsError
-from megafs.format.chunks import chunk_key
+from megafs.format.chunks import chunk_id_of, chunk_key
 from megafs.format.records import NAME_MAX, Record
 from megafs.vfs import content
 from megafs.vfs.blockcache import BlockCache
@@ -221,6 +221,30 @@ class Vfs:
     def dirty_file_count(self) -> int:
         """Files with changes not yet in the staging area / on the store."""
         return len(self._dirty_content)
+
+    def pending_file_count(self, pending_keys: set[str]) -> int:
+        """Files whose changes are not all on the store yet: content not yet staged
+        (:meth:`dirty_file_count`), or a staged chunk or inode object of theirs in
+        ``pending_keys`` (the keys the staging area has not uploaded yet). A file
+        whose only pending object is its directory's is not counted."""
+        files = set(self._dirty_content)
+        if not pending_keys:
+            return len(files)
+        cids = {c for c in map(chunk_id_of, pending_keys) if c is not None}
+        if not cids and not any(k.startswith("i/") for k in pending_keys):
+            return len(files)  # only directory objects and the like
+        for ino, node in self.nodes.items():
+            if ino in files or not node.is_reg:
+                continue
+            if any(ref.cid in cids for ref in node.record.chunks.values()) or (
+                node.hardlinked and self.volume.inode_key(ino) in pending_keys
+            ):
+                files.add(ino)
+        return len(files)
+
+    def dir_objects_cached(self) -> int:
+        """Directory objects loaded (fetched once, then served from memory)."""
+        return sum(1 for n in self.nodes.values() if n.is_dir and n.entries is not None)
 
     # --------------------------------------------------------------- helpers
 

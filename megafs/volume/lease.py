@@ -69,6 +69,9 @@ class LeaseInfo:
     since: float
     expires: float
 
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
         return f"{self.host} (megafs pid {self.pid}, since {since})"
@@ -104,6 +107,8 @@ class Lease:
         self.since = clock()
         self.etag: str | None = None
         self.lost = False
+        self.renewed: float | None = None  # when our lease object was last written
+        self.taken_by: str | None = None  # who took it over, once lost
 
     # ------------------------------------------------------------ the object
 
@@ -113,6 +118,13 @@ class Lease:
     def _sealed(self) -> bytes:
         info = LeaseInfo(self.host, os.getpid(), self.mount_id, self.since, self.clock() + self.ttl)
         return seal(self.keys.metadata, json.dumps(asdict(info)).encode(), self._ad())
+
+    def held(self) -> LeaseInfo | None:
+        """What our lease object says, while we hold it (None before it is taken and
+        once lost): for ``megafs status``."""
+        if self.etag is None or self.lost or self.renewed is None:
+            return None
+        return LeaseInfo(self.host, os.getpid(), self.mount_id, self.since, self.renewed + self.ttl)
 
     def _open(self, blob: bytes) -> LeaseInfo:
         plain = open_sealed(self.keys.metadata, blob, self._ad(), "the volume's lease")
@@ -175,12 +187,14 @@ class Lease:
         return info.host == self.host and info.pid != os.getpid() and not _pid_alive(info.pid)
 
     async def _put(self, *, create: bool = False, if_match: str | None = None) -> bool:
+        now = self.clock()
         try:
             self.etag = await self.store.put(
                 LEASE_KEY, self._sealed(), if_none_match=create, if_match=if_match
             )
         except PreconditionFailed:
             return False
+        self.renewed = now
         return True
 
     # ------------------------------------------------------------ hold
@@ -210,6 +224,7 @@ class Lease:
                     continue
                 self.lost = True
                 who = current[0].describe() if current else "another mount"
+                self.taken_by = who
                 log.error(
                     "the volume's lease was taken over by %s: this mount stops writing "
                     "(what it has not uploaded stays staged on this machine)",

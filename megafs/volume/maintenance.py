@@ -302,7 +302,12 @@ def _age(store: ObjectStore, info: ObjectInfo, now: float) -> float | None:
     return None
 
 
-async def _delete(store: ObjectStore, keys: list[str], lease: Lease) -> None:
+async def _delete(
+    store: ObjectStore,
+    keys: list[str],
+    lease: Lease,
+    on_delete: Callable[[int, int], None] | None = None,
+) -> None:
     delete_many: Callable[[list[str]], Awaitable[object]] | None = getattr(
         store, "delete_many", None
     )
@@ -318,10 +323,12 @@ async def _delete(store: ObjectStore, keys: list[str], lease: Lease) -> None:
         batch = keys[i : i + DELETE_BATCH]
         if delete_many is not None:
             await delete_many(batch)
-            continue
-        async with trio.open_nursery() as n:
-            for key in batch:
-                n.start_soon(one, key)
+        else:
+            async with trio.open_nursery() as n:
+                for key in batch:
+                    n.start_soon(one, key)
+        if on_delete is not None:
+            on_delete(i + len(batch), len(keys))
 
 
 async def collect_garbage(
@@ -332,8 +339,10 @@ async def collect_garbage(
     grace: float = DEFAULT_GRACE,
     progress: Callable[[Report], None] | None = None,
     lease_ttl: float | None = None,
+    on_delete: Callable[[int, int], None] | None = None,
 ) -> GcResult:
-    """Delete unreferenced chunks (see the module docstring)."""
+    """Delete unreferenced chunks (see the module docstring). ``progress(report)``
+    follows the walk, ``on_delete(done, total)`` the deletions."""
     volume = await unlock(store, secret, read_only=True)
     lease = (
         Lease(store, volume.keys) if lease_ttl is None else Lease(store, volume.keys, ttl=lease_ttl)
@@ -359,7 +368,7 @@ async def collect_garbage(
 
             n.start_soon(lease.run, lost)
             try:
-                result = await _gc(store, volume, lease, dry_run, grace, progress)
+                result = await _gc(store, volume, lease, dry_run, grace, progress, on_delete)
             except MegafsError as exc:  # raised below, not as an exception group
                 failure = exc
             n.cancel_scope.cancel()
@@ -380,6 +389,7 @@ async def _gc(
     dry_run: bool,
     grace: float,
     progress: Callable[[Report], None] | None,
+    on_delete: Callable[[int, int], None] | None = None,
 ) -> GcResult:
     report = await check_volume(volume, deep=False, progress=progress)
     result = GcResult(report)
@@ -404,7 +414,7 @@ async def _gc(
         else:
             result.unknown.append(key)
     if not dry_run and result.garbage:
-        await _delete(store, [o.key for o in result.garbage], lease)
+        await _delete(store, [o.key for o in result.garbage], lease, on_delete)
         result.deleted = len(result.garbage)
         result.deleted_bytes = result.garbage_bytes
     return result
