@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -31,26 +33,69 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+# Arguments a request trace shows only the size of (file content, xattr values).
+_CONTENT_ARGS = frozenset({"buf", "value"})
+_HIDDEN_ARGS = frozenset({"self", "ctx", "attr", "fields", "token"})
+
+
+def _describe_call(name: str, params: list[str], args: tuple[object, ...]) -> str:
+    """``lookup(parent_inode=1, name=b'x')`` for a debug trace: file names appear (debug
+    level only, never at info), file content and xattr values only as their size."""
+    parts = []
+    for pname, value in zip(params, args, strict=False):
+        if pname in _HIDDEN_ARGS:
+            continue
+        if pname in _CONTENT_ARGS and isinstance(value, bytes | bytearray | memoryview):
+            parts.append(f"{pname}=<{len(value)} bytes>")
+        else:
+            parts.append(f"{pname}={value!r}")
+    return f"{name}({', '.join(parts)})"
+
+
 def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    name = fn.__name__
+    params = list(inspect.signature(fn).parameters)
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if log.isEnabledFor(logging.DEBUG):  # -o debug: one line per request
+            return await _traced(fn, params, *args, **kwargs)
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except FsError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except MegafsError as exc:
-            log.error("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
-        except OSError as exc:
-            log.error("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise _fuse_error(name, exc) from None
 
     return wrapper
+
+
+def _fuse_error(name: str, exc: Exception) -> pyfuse3.FUSEError:
+    """The FUSEError for an exception from handler ``name``; logs what is not an
+    ordinary refusal (one line, or a traceback for the unexpected)."""
+    if isinstance(exc, FsError):
+        return pyfuse3.FUSEError(exc.errno)
+    if isinstance(exc, MegafsError | OSError):
+        log.error("%s: %s", name, exc)
+        return pyfuse3.FUSEError(errno_for(exc))
+    log.error("unexpected error in %s", name, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+async def _traced(
+    fn: Callable[..., Coroutine[Any, Any, T]], params: list[str], *args: Any, **kwargs: Any
+) -> T:
+    call = _describe_call(fn.__name__, params, args)
+    start = time.monotonic()
+    try:
+        result = await fn(*args, **kwargs)
+    except Exception as exc:
+        err = exc if isinstance(exc, pyfuse3.FUSEError) else _fuse_error(fn.__name__, exc)
+        ms = (time.monotonic() - start) * 1000
+        log.debug("%s -> %s (%.2f ms)", call, errno.errorcode.get(err.errno, err.errno), ms)
+        raise err from None
+    log.debug("%s -> ok (%.2f ms)", call, (time.monotonic() - start) * 1000)
+    return result
 
 
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:
