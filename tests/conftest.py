@@ -38,6 +38,19 @@ def make_volume(store_dir: Path, passphrase: str = PASSPHRASE) -> Path:
     return store_dir
 
 
+def cold_read(path: Path) -> bytes:
+    """Read a file past the kernel's page cache (dropped with fadvise first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = []
+        while chunk := os.read(fd, 1 << 20):
+            out.append(chunk)
+        return b"".join(out)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Mount:
     """A megafs daemon serving ``store`` at ``path``."""

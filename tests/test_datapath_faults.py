@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import PASSPHRASE, TEST_KDF, needs_fuse, new_mount
+from conftest import PASSPHRASE, TEST_KDF, cold_read, needs_fuse, new_mount
 from test_crash import assert_volume_ok, read_from_store, staged, wait_idle
 
 from megafs.errors import errno_for
@@ -35,19 +35,6 @@ def _data(seed: str, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def _cold_read(path: Path) -> bytes:
-    """Read past the kernel's page cache (dropped with fadvise)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = []
-        while chunk := os.read(fd, MiB):
-            out.append(chunk)
-        return b"".join(out)
-    finally:
-        os.close(fd)
-
-
 # -- a damaged block cache ------------------------------------------------------------
 
 
@@ -59,7 +46,7 @@ def test_damaged_cache_files_are_dropped_and_refetched(tmp_path: Path) -> None:
     try:
         (m.path / "f").write_bytes(data)
         m.restart()
-        assert _cold_read(m.path / "f") == data
+        assert cold_read(m.path / "f") == data
         m.stop()
         blocks = sorted(p for p in m.cache.glob("*/blocks/*/*") if p.is_file())
         assert len(blocks) >= 6 * MiB // (64 << 10), "reading did not fill the block cache"
@@ -75,9 +62,9 @@ def test_damaged_cache_files_are_dropped_and_refetched(tmp_path: Path) -> None:
                 raw[(i * 7919) % len(raw)] ^= 0x40
             p.write_bytes(bytes(raw))
         m.start()
-        assert _cold_read(m.path / "f") == data
+        assert cold_read(m.path / "f") == data
         m.restart()  # the refetched blocks were cached again, intact
-        assert _cold_read(m.path / "f") == data
+        assert cold_read(m.path / "f") == data
     finally:
         m.stop()
     log = m.log_text()
@@ -112,7 +99,7 @@ def test_full_cache_disk_gives_enospc_and_loses_nothing(tmp_path: Path, small_di
 
     def check(label: str) -> None:
         for name, want in files.items():
-            assert _cold_read(m.path / name) == want, f"{name} {label}"
+            assert cold_read(m.path / name) == want, f"{name} {label}"
 
     m.start()
     try:
@@ -170,7 +157,7 @@ def test_block_cache_gives_way_to_writes_on_a_full_disk(tmp_path: Path, small_di
         m.stop()
         m.cache = small_disk  # (the default cache cap, 64 MiB, exceeds this disk)
         m.start()
-        assert _cold_read(m.path / "old") == old
+        assert cold_read(m.path / "old") == old
         assert _free(small_disk) > 4 * MiB, "the block cache filled the disk"
         # Slow uploads: staged data has to take the place of cached blocks.
         m.stop()
@@ -189,8 +176,8 @@ def test_block_cache_gives_way_to_writes_on_a_full_disk(tmp_path: Path, small_di
         m.stop()
         m.options = []
         m.start()
-        assert _cold_read(m.path / "new") == new
-        assert _cold_read(m.path / "old") == old
+        assert cold_read(m.path / "new") == new
+        assert cold_read(m.path / "old") == old
     finally:
         m.stop()
     assert_volume_ok(m.store)
@@ -434,7 +421,7 @@ def test_uploads_pending_at_unmount_resume_on_the_next_mount(tmp_path: Path) -> 
         wait_idle(m)
         assert staged(m) == []
         for name, want in files.items():
-            assert _cold_read(m.path / name) == want
+            assert cold_read(m.path / name) == want
     finally:
         m.stop()
     assert_volume_ok(m.store)
@@ -470,7 +457,7 @@ def test_remount_while_the_old_daemon_still_uploads(tmp_path: Path) -> None:
         files["later"] = b"written by the next mount"
         m.restart()
         for name, want in files.items():
-            assert _cold_read(m.path / name) == want
+            assert cold_read(m.path / name) == want
     finally:
         m.stop()
     assert_volume_ok(m.store)

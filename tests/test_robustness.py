@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import stress_worker
-from conftest import Mount, new_mount
+from conftest import Mount, cold_read, new_mount
 
 # -- concurrent namespace stress ------------------------------------------------------
 
@@ -113,13 +113,9 @@ def daemon_read(path: Path) -> bytes:
     fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = []
-        while chunk := os.read(fd, 1 << 20):
-            out.append(chunk)
-        return b"".join(out)
     finally:
         os.close(fd)
+    return cold_read(path)
 
 
 def _aligned(data: bytes) -> mmap.mmap:
