@@ -135,6 +135,18 @@ def test_namespace_and_metadata(tmp_path: Path) -> None:
         assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_size == 5
         assert st.st_mtime_ns == 2_000_000_000_456 and st.st_mtime == 2000.000000456
         assert st.st_uid == os.getuid() and st.st_nlink == 1
+        await d.chown("a/b/c/f", 1234, -1)
+        assert ((await d.stat("a/b/c/f")).st_uid, (await d.stat("a/b/c/f")).st_gid) == (
+            1234,
+            st.st_gid,
+        )
+        async with await d.open("a/b/c/f", os.O_RDWR | os.O_CREAT) as f:  # os.open flags
+            assert await f.read() == b"12345"  # O_CREAT without O_TRUNC keeps the content
+        async with await d.open("a/b/c/f", os.O_RDONLY) as f:
+            with pytest.raises(OSError) as info:
+                await f.truncate(0)  # as ftruncate(2) on a read-only descriptor
+            assert info.value.errno == errno.EINVAL
+        st = await d.stat("/a/b/c/f")
 
         # scandir carries the same full status as stat
         entries = await d.scandir("a/b/c")

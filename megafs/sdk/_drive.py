@@ -353,6 +353,17 @@ class Drive:
             attr = await self._existing(path, follow=follow_symlinks)
             await self._fs.setattr(attr.ino, atime_ns=ns[0], mtime_ns=ns[1])
 
+    async def chown(
+        self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True
+    ) -> None:
+        """Set the owner and group (-1 leaves one as it is), as :func:`os.chown`
+        without the kernel's permission checks (the drive has none)."""
+        with mapped(_display(path)):
+            attr = await self._existing(path, follow=follow_symlinks)
+            await self._fs.setattr(
+                attr.ino, uid=None if uid == -1 else uid, gid=None if gid == -1 else gid
+            )
+
     async def truncate(self, path: PathArg, size: int) -> None:
         """Cut or extend (with zeros) a file to ``size`` bytes."""
         with mapped(_display(path)):
@@ -398,9 +409,10 @@ class Drive:
 
     # ------------------------------------------------------------- files
 
-    async def open(self, path: PathArg, mode: str = "rb", *, perms: int = 0o666) -> File:
+    async def open(self, path: PathArg, mode: str | int = "rb", *, perms: int = 0o666) -> File:
         """Open a file, as the built-in ``open`` does in binary mode (``"rb"``,
-        ``"wb"``, ``"ab"``, ``"xb"``, with ``+`` for both; ``b`` may be left out).
+        ``"wb"``, ``"ab"``, ``"xb"``, with ``+`` for both; ``b`` may be left out), or
+        with ``os.open`` flags (e.g. ``os.O_RDWR | os.O_CREAT``).
         A new file gets ``perms`` less the process umask. Use it as
         ``async with await drive.open(path, "wb") as f:``."""
         flags = open_flags(mode)

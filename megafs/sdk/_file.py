@@ -44,7 +44,7 @@ class File:
         fh: int,
         ino: int,
         path: str,
-        mode: str,
+        mode: str | int,
         flags: int,
         on_close: Callable[[File], None],
     ) -> None:
@@ -142,7 +142,9 @@ class File:
     async def truncate(self, size: int | None = None) -> int:
         """Cut or extend (with zeros) the file to ``size`` bytes (default: the
         position); the position does not move. Returns the new size."""
-        self._check(self.writable, "writing")
+        self._check()
+        if not self.writable():  # EINVAL, as ftruncate(2) says
+            raise path_error(errno.EINVAL, self.name, detail="file not open for writing")
         size = self._pos if size is None else size
         if size < 0:
             raise path_error(errno.EINVAL, self.name, detail="negative size")
@@ -198,22 +200,29 @@ class File:
         await self.aclose()
 
 
-def open_flags(mode: str) -> int:
-    """``open()`` flags for a Python file mode (binary modes only; ``b`` optional)."""
+def open_flags(mode: str | int) -> int:
+    """``open()`` flags for a Python file mode (binary modes only; ``b`` optional), or
+    ``os.open`` flags as they are (``O_RDONLY``/``O_WRONLY``/``O_RDWR`` with any of
+    ``O_CREAT``, ``O_EXCL``, ``O_TRUNC``, ``O_APPEND``)."""
+    if isinstance(mode, int):
+        known = os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND
+        if mode & ~known or mode & os.O_ACCMODE == os.O_ACCMODE:
+            raise ValueError(f"unsupported open flags: {mode:#o}")
+        return mode
     chars = set(mode)
-    if len(chars) != len(mode) or not chars <= set("rwxab+") or "t" in mode:
+    if "t" in chars:
+        raise ValueError(f"text mode is not supported ({mode!r}): open in binary mode")
+    if len(chars) != len(mode) or not chars <= set("rwxab+"):
         raise ValueError(f"invalid mode: {mode!r}")
     kinds = chars & set("rwxa")
     if len(kinds) != 1:
         raise ValueError(f"mode must have exactly one of r, w, x, a: {mode!r}")
-    kind = kinds.pop()
-    plus = "+" in chars
     flags = {
         "r": os.O_RDONLY,
         "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
         "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
         "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-    }[kind]
-    if plus:
+    }[kinds.pop()]
+    if "+" in chars:
         flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
     return flags

@@ -139,7 +139,7 @@ class SyncFile:
         return self._file.name
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> str | int:
         return self._file.mode
 
     @property
@@ -219,6 +219,7 @@ class SyncDrive:
     readlink = _blocking(Drive.readlink)
     link = _blocking(Drive.link)
     chmod = _blocking(Drive.chmod)
+    chown = _blocking(Drive.chown)
     utime = _blocking(Drive.utime)
     truncate = _blocking(Drive.truncate)
     getxattr = _blocking(Drive.getxattr)
@@ -231,7 +232,7 @@ class SyncDrive:
     download = _blocking(Drive.download)
     sync = _blocking(Drive.sync)
 
-    def open(self, path: PathArg, mode: str = "rb", *, perms: int = 0o666) -> SyncFile:
+    def open(self, path: PathArg, mode: str | int = "rb", *, perms: int = 0o666) -> SyncFile:
         """Open a file (see :meth:`megafs.sdk.Drive.open`); a context manager."""
         drive = self._target()
         return SyncFile(self._loop, self._loop.run(lambda: drive.open(path, mode, perms=perms)))

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-from conftest import PASSPHRASE, TEST_KDF, Mount, new_mount, serving
+from conftest import PASSPHRASE, TEST_KDF, Mount, make_volume, new_mount, serving
 
 from megafs.errors import FsError
 from megafs.mount import mounted_at
@@ -800,6 +800,135 @@ class VfsDriver(Driver):
         self._run(op)
 
 
+# -------------------------------------------------------------------- SdkDriver
+
+
+class SdkDriver(Driver):
+    """The same operations through the SDK (:mod:`megafs.sdk.sync`), in process, on a
+    local-directory volume: a third front end on the same Vfs. Descriptors are the
+    SDK's file objects; ``pread``/``pwrite`` are a seek and a read or write."""
+
+    kind = "sdk"
+
+    def __init__(self, tmp: Path) -> None:
+        import megafs.sdk.sync
+
+        self._open_drive = megafs.sdk.sync.open_drive
+        self.store = make_volume(tmp / "sdk-store")
+        self.cache = tmp / "sdk-cache"
+        self._files: dict[int, megafs.sdk.sync.SyncFile] = {}
+        self._fd_numbers = itertools.count(2000)
+        self.drive = self._open()
+
+    def _open(self) -> Any:
+        return self._open_drive(str(self.store), passphrase=PASSPHRASE, cache_dir=self.cache)
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        fd = next(self._fd_numbers)
+        self._files[fd] = self.drive.open(path, flags, perms=mode)
+        return fd
+
+    def _file(self, fd: int) -> Any:
+        try:
+            return self._files[fd]
+        except KeyError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    def close(self, fd: int) -> None:
+        self._files.pop(fd).close()
+
+    def pread(self, fd: int, size: int, off: int) -> bytes:
+        f = self._file(fd)
+        f.seek(off)
+        data: bytes = f.read(size)
+        return data
+
+    def pwrite(self, fd: int, data: bytes, off: int) -> int:
+        f = self._file(fd)
+        f.seek(off)
+        n: int = f.write(data)
+        return n
+
+    def write(self, fd: int, data: bytes) -> int:
+        n: int = self._file(fd).write(data)
+        return n
+
+    def fsync(self, fd: int) -> None:
+        self._file(fd).fsync()
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        self._file(fd).truncate(size)
+
+    def fstat(self, fd: int) -> Stat:
+        return Stat.of(self._file(fd).stat())
+
+    def lstat(self, path: str) -> Stat:
+        return Stat.of(self.drive.lstat(path))
+
+    def truncate(self, path: str, size: int) -> None:
+        self.drive.truncate(path, size)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self.drive.chmod(path, mode)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.drive.chown(path, uid, gid, follow_symlinks=False)
+
+    def utime(self, path: str, ns: tuple[int, int] | None) -> None:
+        self.drive.utime(path, ns, follow_symlinks=False)
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        self.drive.mkdir(path, mode)
+
+    def rmdir(self, path: str) -> None:
+        self.drive.rmdir(path)
+
+    def unlink(self, path: str) -> None:
+        self.drive.remove(path)
+
+    def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        if flags & ~RENAME_NOREPLACE:
+            raise NotImplementedError("the SDK renames with or without replacing only")
+        self.drive.rename(src, dst, replace=not flags)
+
+    def link(self, src: str, dst: str) -> None:
+        self.drive.link(src, dst)
+
+    def symlink(self, target: str, path: str) -> None:
+        self.drive.symlink(target, path)
+
+    def readlink(self, path: str) -> str:
+        target: str = self.drive.readlink(path)
+        return target
+
+    def scandir(self, path: str) -> Iterator[str]:
+        yield from self.drive.listdir(path)
+
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+        self.drive.setxattr(path, name, value, flags)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        value: bytes = self.drive.getxattr(path, name)
+        return value
+
+    def listxattr(self, path: str) -> list[str]:
+        names: list[str] = self.drive.listxattr(path)
+        return names
+
+    def removexattr(self, path: str, name: str) -> None:
+        self.drive.removexattr(path, name)
+
+    def remount(self) -> None:
+        assert not self._files, "close every file before remounting"
+        self.drive.close()
+        self.drive = self._open()
+
+    def close_driver(self) -> None:
+        for fd in list(self._files):
+            self.close(fd)
+        self.drive.close()
+
+
 # --------------------------------------------------------------------- fixtures
 
 
@@ -877,14 +1006,20 @@ SUITE_MOUNTS = {
 }
 
 
-@pytest.fixture(params=["vfs", "mount", "mount-s3", "mount-webdav"])
+#: The front ends every case runs through; "sdk" (:class:`SdkDriver`) is added by the
+#: cases that test_behaviour marks with ``also_sdk`` (its ``pytest_generate_tests``
+#: parametrizes ``fs`` with these).
+FS_PARAMS = ["vfs", "mount", "mount-s3", "mount-webdav"]
+
+
+@pytest.fixture
 def fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
     """The suite's filesystem: a fresh in-process vfs on an empty volume, or a fresh
     directory on a real FUSE mount of a local-directory, S3 or WebDAV volume (remount
     restarts that mount's daemon)."""
     drv: Driver
-    if request.param == "vfs":
-        drv = VfsDriver(tmp_path / "vfs-state")
+    if request.param in ("vfs", "sdk"):
+        drv = VfsDriver(tmp_path / "vfs-state") if request.param == "vfs" else SdkDriver(tmp_path)
         try:
             yield drv
         finally:

@@ -1,4 +1,5 @@
-"""POSIX behaviour, run twice: on the in-process vfs and through a real FUSE mount.
+"""POSIX behaviour, run on the in-process vfs, through real FUSE mounts, and (most
+cases) through the SDK.
 
 Every test takes ``fs`` (see :mod:`drivers`) and runs once per variant: on a fresh
 in-process vfs, and in a fresh directory of a FUSE mount shared by the module (its
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 from conftest import Mount, new_mount, serving
 from drivers import (
+    FS_PARAMS,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_CREATE,
@@ -121,6 +123,29 @@ def assert_same_tree(after: dict[str, dict[str, Any]], before: dict[str, dict[st
             if before[p].get(k) != after[p].get(k):
                 diffs.append(f"{p}: {k} was {before[p].get(k)!r}, now {after[p].get(k)!r}")
     assert not diffs, "\n".join(diffs)
+
+
+# The SDK (megafs.sdk, a third front end on the same Vfs) runs every case above that
+# takes ``fs``, except these: what the SDK does not offer (FIFOs and device nodes,
+# statvfs, RENAME_EXCHANGE, reading what a crash would leave) and what only the
+# kernel does (chown clearing set-user-ID).
+NOT_THROUGH_SDK = {
+    "test_chown_clears_setuid_and_setgid",
+    "test_rename_exchange_file_and_dir",
+    "test_mkfifo",
+    "test_mknod_device_keeps_rdev",
+    "test_readdir_lists_exactly_the_entries",
+    "test_statvfs",
+    "test_fsynced_content_survives_crash_during_rewrite",
+    "test_everything_survives_remount",
+    "test_changes_after_remount_survive_remount",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "fs" in metafunc.fixturenames:
+        sdk = [] if metafunc.function.__name__ in NOT_THROUGH_SDK else ["sdk"]
+        metafunc.parametrize("fs", [*FS_PARAMS, *sdk], indirect=True)
 
 
 # ------------------------------------------------------------------ file content
