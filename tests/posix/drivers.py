@@ -1006,9 +1006,8 @@ SUITE_MOUNTS = {
 }
 
 
-#: The front ends every case runs through; "sdk" (:class:`SdkDriver`) is added by the
-#: cases that test_behaviour marks with ``also_sdk`` (its ``pytest_generate_tests``
-#: parametrizes ``fs`` with these).
+#: The front ends every case runs through; test_behaviour's ``pytest_generate_tests``
+#: parametrizes ``fs`` with these, plus "sdk" (:class:`SdkDriver`) for most cases.
 FS_PARAMS = ["vfs", "mount", "mount-s3", "mount-webdav"]
 
 
