@@ -78,6 +78,10 @@ async def open_drive(
         commit_interval=commit_interval,
         fsync_remote=fsync_remote,
     )
+    if url.startswith("mega://"):
+        raise UsageError(
+            "MEGA accounts cannot be opened through the SDK yet; mount them with megafs mount"
+        )
     secret = _secret(passphrase, key_file)
     try:
         stack = await open_stack(url, secret, opts)
