@@ -289,3 +289,47 @@ def test_failed_create_under_lock_leaves_no_empty_object(
             await s.aclose()
 
     run(main)
+
+
+def _collection_xml(path: str) -> bytes:
+    return (
+        f'<?xml version="1.0"?><d:multistatus xmlns:d="DAV:"><d:response><d:href>{path}'
+        "</d:href><d:propstat><d:prop><d:resourcetype><d:collection/></d:resourcetype>"
+        "</d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response>"
+        "</d:multistatus>"
+    ).encode()
+
+
+@pytest.mark.parametrize("made_by_another", [True, False])
+def test_mkcol_answered_403(made_by_another: bool) -> None:
+    """Apache answers 403, not 405, to the loser of two MKCOLs racing for one collection
+    (mod_dav_fs calls mkdir's EEXIST "forbidden"; about 1 in 400 racing MKCOLs here).
+    That is no credentials refusal: the store checks that the collection is there."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        seen.append(f"{request.method} {path}")
+        if request.method == "PROPFIND" and (path == "/v/" or made_by_another):
+            return httpx.Response(207, content=_collection_xml(path))
+        if request.method == "MKCOL":
+            return httpx.Response(403)
+        if request.method == "PUT":
+            return httpx.Response(201, headers={"ETag": '"1"'})
+        return httpx.Response(404)
+
+    async def main() -> None:
+        store = WebDavStore("http://127.0.0.1:1/v", policy=FAST)
+        await store.aclose()
+        store._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        try:
+            if made_by_another:
+                assert await store.put("d/k", b"x") == '"1"'
+            else:
+                with pytest.raises(StoreError, match=r"MKCOL /v/d/ forbidden \(403\)"):
+                    await store.put("d/k", b"x")
+        finally:
+            await store.aclose()
+        assert seen[1:3] == ["MKCOL /v/d/", "PROPFIND /v/d/"]
+
+    run(main)

@@ -161,7 +161,11 @@ class WebDavStore:
         *,
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
+        forbidden_ok: bool = False,
     ) -> httpx.Response:
+        """One request; transport failures and 5xx raise StoreUnavailable, 401 and 403
+        (unless ``forbidden_ok``: the caller looks at a 403 itself) "credentials
+        refused"."""
         try:
             resp = await self._client.request(
                 method, self._origin + path, headers=headers, content=content
@@ -173,7 +177,7 @@ class WebDavStore:
         except httpx.HTTPError as exc:
             raise StoreError(f"WebDAV {method} failed: {type(exc).__name__}: {exc}") from None
         code = resp.status_code
-        if code in (401, 403):
+        if code == 401 or (code == 403 and not forbidden_ok):
             raise StoreError(f"WebDAV credentials refused ({code}) by {self._url}")
         if code == 423 and (token := self._stale_locks.pop(path, None)) is not None:
             # Our own lock, left behind when its UNLOCK failed: release it; the caller
@@ -207,13 +211,32 @@ class WebDavStore:
             chain.append(parent)
             parent = parent[:-1].rsplit("/", 1)[0] + "/"
         for coll in reversed(chain):
-            resp = await self._request("MKCOL", coll)
+            resp = await self._request("MKCOL", coll, forbidden_ok=True)
+            code = resp.status_code
+            if code == 403 and await self._is_collection(coll):
+                # Apache answers 403 (not 405) to the loser of two MKCOLs racing for
+                # the same collection: it exists, made by another task or writer.
+                code = 405
             # 201 created; 405 already exists (another task or writer made it).
-            if resp.status_code not in (200, 201, 204, 405):
-                if resp.status_code == 409:
+            if code not in (200, 201, 204, 405):
+                if code == 409:
                     raise StoreUnavailable(f"WebDAV MKCOL {coll} conflict (parent vanished?)")
-                raise StoreError(f"WebDAV MKCOL answered {resp.status_code}")
+                if code == 403:
+                    raise StoreError(f"WebDAV MKCOL {unquote(coll)} forbidden (403) by {self._url}")
+                raise StoreError(f"WebDAV MKCOL answered {code}")
             self._collections.add(coll)
+
+    async def _is_collection(self, coll: str) -> bool:
+        resp = await self._request(
+            "PROPFIND", coll, headers={"Depth": "0"}, content=_PROPFIND_BODY, forbidden_ok=True
+        )
+        if resp.status_code != 207:
+            return False
+        try:
+            root = SafeET.fromstring(resp.content)
+        except Exception:
+            return False
+        return root.find(f".//{_DAV}resourcetype/{_DAV}collection") is not None
 
     # -- ObjectStore ----------------------------------------------------------
 
