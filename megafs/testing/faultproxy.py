@@ -299,9 +299,13 @@ class FaultProxy:
     def _bind(self) -> None:
         """Synchronous, so that when ``up()`` returns the port is accepting again."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(128)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
         self.port = sock.getsockname()[1]
         self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
@@ -318,21 +322,25 @@ class FaultProxy:
             await client.aclose()
             return
         conn = _Conn(self, client)
-        with trio.CancelScope() as scope:
-            self._conn_scopes.add(scope)
-            try:
-                await conn.run()
-            except _Abort as e:
-                if e.rst:
-                    _rst_close(client)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                pass
-            except (h11.ProtocolError, OSError):
-                pass
-            finally:
-                self._conn_scopes.discard(scope)
-        with trio.CancelScope(shield=True):
-            await conn.close()
+        try:
+            with trio.CancelScope() as scope:
+                self._conn_scopes.add(scope)
+                try:
+                    await conn.run()
+                except _Abort as e:
+                    if e.rst:
+                        _rst_close(client)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                    pass
+                except (h11.ProtocolError, OSError):
+                    pass
+                finally:
+                    self._conn_scopes.discard(scope)
+        finally:
+            # Also when the whole proxy stops (its cancellation passes through here):
+            # never leave the sockets to the garbage collector.
+            with trio.CancelScope(shield=True):
+                await conn.close()
 
     # ----- background-thread runner -----
 
