@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from megafs.config import MountOptions, UsageError, default_cache_root
+from megafs.memory import return_large_buffers
 from megafs.sdk._drive import Drive
 from megafs.stack import VolumeStack, open_stack
 from megafs.volume.lease import LeaseHeld
@@ -72,6 +73,7 @@ async def open_drive(
     block cache and staging area (default: the same as ``megafs mount``'s).
     ``fsync_remote`` makes ``File.fsync`` wait for the store. See the module docstring
     for what leaving the block waits for."""
+    return_large_buffers()  # memory freed by a transfer goes back (megafs.memory)
     opts = MountOptions(
         read_only=read_only,
         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_root(),
