@@ -246,12 +246,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
+    target = filecmds.parse_target(args.path) if ":" in args.path else None
     if args.path.startswith("mega://"):
         from megafs.mega.mount import link_for_path
 
+        url = args.path  # mega://EMAIL/PATH, or mega://EMAIL:/PATH as the file commands say
+        if target is not None and target.path != "/":
+            url = target.store + target.path
         opts = parse_options(args.options)
         password = read_passphrase(args.passphrase_file or opts.passphrase_file)
-        link = trio.run(link_for_path, args.path, password.decode("utf-8", "replace"), opts)
+        link = trio.run(link_for_path, url, password.decode("utf-8", "replace"), opts)
+    elif _names_a_volume(args.path, target):
+        raise UsageError(
+            f"{args.path}: public links need MEGA: files of a megafs volume have none "
+            "(megafs link takes a file of a MEGA account: mega://EMAIL/PATH, or a path in "
+            "a mounted one)"
+        )
     else:
         try:
             link = os.getxattr(args.path, "user.megafs.link").decode()
@@ -261,6 +271,16 @@ def cmd_link(args: argparse.Namespace) -> int:
             ) from None
     print(link)
     return exitcodes.OK
+
+
+def _names_a_volume(arg: str, target: filecmds.Target | None) -> bool:
+    """Whether ``arg`` names a megafs volume's store or a path in one (STORE[:/PATH]),
+    rather than a file in a mounted MEGA account."""
+    store = target.store if target is not None else arg
+    if "://" in store:
+        return not store.startswith("mega://")
+    root = Path(store)
+    return (root / "megafs.header").is_file()
 
 
 def cmd_logout(args: argparse.Namespace) -> int:

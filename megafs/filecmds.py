@@ -1,19 +1,23 @@
-"""File commands on a volume without mounting it: ``ls``, ``cat``, ``get``, ``put``,
-``rm``, ``mkdir``, ``mv`` — the SDK (:mod:`megafs.sdk`) from the command line.
+"""File commands on a volume or MEGA account without mounting it: ``ls``, ``cat``,
+``get``, ``put``, ``rm``, ``mkdir``, ``mv`` — the SDK (:mod:`megafs.sdk`) from the
+command line.
 
 Addressing a file: ``STORE:/PATH``. STORE is what ``megafs mount`` takes (a path,
-``file://``, ``s3://BUCKET[/PREFIX]``, ``webdav+http(s)://HOST[:PORT]/PATH``); the
-path inside the volume starts at the **last** ``:/`` of the argument that is not the
-``://`` of a URL scheme. Without one, the argument is a STORE and means its root::
+``file://``, ``s3://BUCKET[/PREFIX]``, ``webdav+http(s)://HOST[:PORT]/PATH``,
+``mega://EMAIL``); the path inside the drive starts at the **last** ``:/`` of the
+argument that is not the ``://`` of a URL scheme. Without one, the argument is a STORE
+and means its root::
 
     /srv/vol                         the root of a local volume
     /srv/vol:/photos/cat.jpg         a file in it
     s3://bucket/prefix:/photos       a directory of an S3 volume
     webdav+http://host:8080/dav:/a   the port's colon is not followed by '/'
+    mega://me@example.com:/Docs      a folder of a MEGA account
 
 (A local store whose own path contains ``:/`` cannot be named this way; use a
-symbolic link to it.) The passphrase comes as for ``mount``: ``MEGAFS_PASSPHRASE``,
-``--passphrase-file``, a systemd credential or a prompt; or ``--key-file``.
+symbolic link to it.) The volume passphrase, or the MEGA password, comes as for
+``mount``: ``MEGAFS_PASSPHRASE``, ``--passphrase-file``, a systemd credential or a
+prompt; or ``--key-file`` (volumes only).
 
 Every failure is one line ``megafs: ...`` and a non-zero exit (``main`` in
 :mod:`megafs.cli` prints it). Progress of ``get``/``put`` shows on a terminal only.
@@ -41,6 +45,7 @@ import trio
 from megafs import exitcodes
 from megafs.config import UsageError, read_passphrase
 from megafs.errors import MegafsError
+from megafs.mega.stack import SCHEME as MEGA_SCHEME
 from megafs.sdk import Drive, PathError, open_drive
 
 PIECE: Final = 1 << 20
@@ -57,7 +62,7 @@ class Target:
     """A parsed ``STORE[:/PATH]`` argument."""
 
     store: str
-    path: str  # inside the volume, starting with "/"
+    path: str  # inside the drive, starting with "/"
 
     def show(self, path: str | None = None) -> str:
         return f"{self.store}:{path if path is not None else self.path}"
@@ -96,7 +101,7 @@ def add_parsers(sub: Any) -> None:
     where = "STORE[:/PATH] (see 'megafs ls --help')"
     p = sub.add_parser(
         "ls",
-        help="list a directory of a volume (no mount needed)",
+        help="list a directory of a volume or MEGA account (no mount needed)",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -104,32 +109,36 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     p.add_argument("-R", dest="recursive", action="store_true", help="list subdirectories too")
     common(p)
-    p = sub.add_parser("cat", help="write files of a volume to standard output")
+    p = sub.add_parser("cat", help="write files of a volume or MEGA account to standard output")
     p.add_argument("targets", nargs="+", metavar=where)
     common(p)
-    p = sub.add_parser("get", help="copy a file or directory (-r) out of a volume")
+    p = sub.add_parser("get", help="copy a file or directory (-r) out of a volume or MEGA account")
     p.add_argument("target", metavar=where)
     p.add_argument("local", type=Path, metavar="LOCAL")
     p.add_argument("-r", dest="recursive", action="store_true", help="copy directories")
     p.add_argument("-c", "--continue", dest="resume", action="store_true", help=_RESUME)
     common(p)
-    p = sub.add_parser("put", help="copy a local file or directory (-r) into a volume")
+    p = sub.add_parser(
+        "put", help="copy a local file or directory (-r) into a volume or MEGA account"
+    )
     p.add_argument("local", type=Path, metavar="LOCAL")
     p.add_argument("target", metavar=where)
     p.add_argument("-r", dest="recursive", action="store_true", help="copy directories")
     p.add_argument("-c", "--continue", dest="resume", action="store_true", help=_RESUME)
     common(p)
-    p = sub.add_parser("rm", help="remove files (or directories, with -r) of a volume")
+    p = sub.add_parser(
+        "rm", help="remove files (or directories, with -r) of a volume or MEGA account"
+    )
     p.add_argument("targets", nargs="+", metavar=where)
     p.add_argument("-r", dest="recursive", action="store_true", help="remove directories too")
     common(p)
-    p = sub.add_parser("mkdir", help="make directories in a volume")
+    p = sub.add_parser("mkdir", help="make directories in a volume or MEGA account")
     p.add_argument("targets", nargs="+", metavar=where)
     p.add_argument(
         "-p", dest="parents", action="store_true", help="make parents, no error if there"
     )
     common(p)
-    p = sub.add_parser("mv", help="rename or move within a volume")
+    p = sub.add_parser("mv", help="rename or move within a volume or MEGA account")
     p.add_argument("source", metavar=where)
     p.add_argument("dest", metavar=where)
     common(p)
@@ -151,15 +160,22 @@ def _run(
     store = targets[0].store
     if args.key_file is not None and args.passphrase_file is not None:
         raise UsageError("give --passphrase-file or --key-file, not both")
-    passphrase = None if args.key_file is not None else read_passphrase(args.passphrase_file)
+    credentials: dict[str, Any] = {}
+    if store.startswith(MEGA_SCHEME):
+        if args.key_file is not None:
+            raise UsageError("a MEGA account opens with its password, not a key file")
+        try:
+            credentials["mega_password"] = read_passphrase(args.passphrase_file).decode()
+        except UnicodeDecodeError:
+            raise UsageError("the MEGA password is not valid UTF-8") from None
+    elif args.key_file is not None:
+        credentials["key_file"] = args.key_file
+    else:
+        credentials["passphrase"] = read_passphrase(args.passphrase_file)
 
     async def main() -> int:
         async with open_drive(
-            store,
-            passphrase=passphrase,
-            key_file=args.key_file,
-            read_only=read_only,
-            cache_dir=args.cache_dir,
+            store, read_only=read_only, cache_dir=args.cache_dir, **credentials
         ) as drive:
             return await fn(drive)
 

@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from megafs.mount import mounted_at
 from megafs.stores import LocalStore
+from megafs.testing.megaemu.client import EmuClient
 from megafs.testing.megaemu.process import EmulatorProcess, start_emulator
 from megafs.testing.s3server import S3Server, juicefs_binary, juicefs_gateway
 from megafs.volume.drive import Volume
@@ -196,3 +198,19 @@ def emulator(emulator_process: EmulatorProcess) -> Iterator[EmulatorProcess]:
     emulator_process.reset()
     yield emulator_process
     emulator_process.clear_faults()
+
+
+@pytest.fixture
+def client(emulator: EmulatorProcess) -> Iterator[EmuClient]:
+    """Another MEGA client logged in to the first of ``V2_ACCOUNTS`` (alice), the way a
+    phone or the web client would be: what the server holds, as MEGA's clients see it."""
+    email, password = next(iter(V2_ACCOUNTS.items()))
+    with EmuClient(emulator.url) as c:
+        c.login(email, password)
+        yield c
+
+
+def by_name(client: EmuClient, parent: str) -> dict[str, dict[str, Any]]:
+    """The account's children of ``parent`` as the server holds them, by MEGA name."""
+    nodes = client.fetch()["f"]
+    return {client.name_of(n): n for n in nodes if n.get("p") == parent}

@@ -247,8 +247,8 @@ def test_opening_errors(tmp_path: Path) -> None:
         trio.run(lambda: open_with(passphrase="wrong"))
     with pytest.raises(MegafsError, match="passphrase= or key_file="):
         trio.run(lambda: open_with())
-    with pytest.raises(MegafsError, match="MEGA accounts cannot be opened through the SDK"):
-        trio.run(_open_mega)
+    with pytest.raises(MegafsError, match="MEGA account opens with mega_password="):
+        trio.run(_open_mega)  # MEGA accounts: tests/mega/test_sdk.py
     with pytest.raises(OpenError, match="does not exist"):
         trio.run(lambda: megafs.sdk.open_drive(str(tmp_path / "nope"), passphrase="x").__aenter__())
 

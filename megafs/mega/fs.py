@@ -46,7 +46,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,7 +55,6 @@ from typing import Any, Final
 import trio
 
 from megafs.errors import FsError
-from megafs.kernel_cache import invalidate
 from megafs.mega import crypto, transfer
 from megafs.mega.api import MegaApi
 from megafs.mega.errors import MegaError, MegaOverQuota, errno_for
@@ -156,6 +155,9 @@ class MegaVfs:
         self.upload_errors = ErrorLog()
         self._queue_send, self._queue = trio.open_memory_channel[Inode](math.inf)
         self._queued: set[int] = set()
+        # Drops what a kernel caches after a remote change (the mount sets it; a
+        # program through the SDK has no kernel cache): (ino, None) or (parent, name).
+        self.invalidate: Callable[[list[tuple[int, bytes | None]]], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -705,10 +707,13 @@ class MegaVfs:
                 self._enqueue(node)
         if mtime_ns is not None:
             self._writable()
-            node.mtime_ns = mtime_ns
-            m = self._mega(node)  # the upload above may have replaced the node
-            if not node.dirty and m is not None and not m.is_folder:
-                await self._set_mtime(m, mtime_ns // 1_000_000_000)
+            # After an upload in flight (it read the mtime when it started, and drops
+            # it when done): then the time goes onto the node it made.
+            async with node.lock:
+                node.mtime_ns = mtime_ns
+                m = self._mega(node)  # an upload may have replaced the node
+                if not node.dirty and m is not None and not m.is_folder:
+                    await self._set_mtime(m, mtime_ns // 1_000_000_000)
         return self.attr(node)
 
     async def _set_mtime(self, m: MegaNode, mtime: int) -> None:
@@ -751,6 +756,19 @@ class MegaVfs:
         else:
             await self._stage_target(node, durable=True)
             self._enqueue(node)
+
+    async def sync(self, *, remote: bool = False) -> None:
+        """Every change so far durable on local disk: each dirty file's staged copy
+        and where it goes, fsync'ed (what :meth:`fsync` does for one file). With
+        ``remote``, uploaded now instead; a failure is the ``FsError`` ``fsync``
+        with ``-o fsync=remote`` would give, and the file stays staged."""
+        for node in list(self.inodes.values()):
+            if not node.dirty or node.unlinked:
+                continue
+            if remote:
+                await self._upload_for_caller(node)
+            else:
+                await self._stage_target(node, durable=True)
 
     def _target(self, node: Inode) -> Target | None:
         """Where the node's staged content goes (without the fingerprint)."""
@@ -976,7 +994,8 @@ class MegaVfs:
                 for raw, child in before[h].items():
                     if now.get(raw) != child:
                         inval.append((ino, raw))
-        await invalidate(inval)
+        if self.invalidate is not None:
+            await self.invalidate(inval)
 
     def _packet_folders(self, packet: dict[str, Any]) -> set[str]:
         out: set[str] = set()

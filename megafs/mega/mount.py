@@ -1,13 +1,10 @@
 """Mounting a MEGA account: ``megafs mount mega://EMAIL MOUNTPOINT``.
 
-Log in (or resume the sealed cached session, so remounts do not log in again),
-fetch the node tree once, mount, and serve until unmounted; at unmount, upload
-what is still staged. The MEGA password comes the way a volume passphrase does
+Open the account (:func:`megafs.mega.stack.open_mega_stack`, shared with the SDK: log
+in or resume the sealed cached session, fetch the node tree once; local state in
+``cache_dir/mega-<id>/``), mount, and serve until unmounted; at unmount, upload what
+is still staged. The MEGA password comes the way a volume passphrase does
 (``MEGAFS_PASSPHRASE``, ``passphrase_file=``, a systemd credential or a prompt).
-
-Local state lives in ``cache_dir/mega-<id>/`` (id: a hash of the API URL and the
-e-mail address, never the address itself): ``session`` (sealed), ``blocks/`` (the
-sealed block cache) and ``staging/`` (files waiting for upload, sealed).
 
 Task ownership: the nursery in :func:`serve_mega` owns the vfs's background task
 (events, read-ahead, retries), the signal watcher and pyfuse3's workers.
@@ -15,11 +12,9 @@ Task ownership: the nursery in :func:`serve_mega` owns the vfs's background task
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +23,19 @@ import trio
 
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
+from megafs.kernel_cache import invalidate
 from megafs.mega.api import MegaApi
-from megafs.mega.errors import MegaError
 from megafs.mega.fs import MegaVfs, public_link
-from megafs.mega.session import (
-    Session,
-    load_session,
-    login,
-    logout,
-    open_session,
-    save_session,
+from megafs.mega.session import load_session, logout
+from megafs.mega.stack import (
+    SCHEME,
+    MegaUrlError,
+    connect,
+    fetch_tree,
+    local_dir,
+    open_mega_stack,
+    parse_mega_url,
 )
-from megafs.mega.tree import Tree
 from megafs.mount import (
     MountError,
     _on_signal,
@@ -49,52 +45,8 @@ from megafs.mount import (
 )
 from megafs.stack import lock_local_state
 from megafs.stats import hit_rate
-from megafs.vfs.blockcache import BlockCache
 
 log = logging.getLogger(__name__)
-
-SCHEME = "mega://"
-
-
-class MegaUrlError(MegafsError):
-    """A ``mega://`` address that names no account."""
-
-
-def parse_mega_url(url: str) -> tuple[str, str]:
-    """``mega://EMAIL[/path]`` -> (lower-cased e-mail, path inside the drive)."""
-    rest = url[len(SCHEME) :] if url.startswith(SCHEME) else url
-    email, _, path = rest.partition("/")
-    if "@" not in email or not email.strip():
-        raise MegaUrlError(f"{url}: expected mega://EMAIL")
-    return email.strip().lower(), path.strip("/")
-
-
-def local_dir(opts: MountOptions, api: MegaApi, email: str) -> Path:
-    ident = hashlib.sha256(f"{api.base_url}\n{email}".encode()).hexdigest()[:24]
-    return opts.cache_dir / f"mega-{ident}"
-
-
-async def connect(
-    email: str, password: str, state: Path, *, api: MegaApi | None = None
-) -> tuple[MegaApi, Session]:
-    """An API client with a live session (cached session resumed when possible)."""
-    api = api or MegaApi()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        session = await open_session(api, email, password, state / "session")
-    except BaseException:
-        await api.aclose()
-        raise
-    return api, session
-
-
-async def fetch_tree(api: MegaApi, session: Session) -> tuple[Tree, str]:
-    reply = await api.call({"a": "f", "c": 1, "r": 1})
-    if not isinstance(reply, dict) or not isinstance(reply.get("f"), list):
-        raise MegaError(detail="unexpected reply to f", command="f")
-    tree = Tree(session.user_handle, session.master_key)
-    tree.load(n for n in reply["f"] if isinstance(n, dict))
-    return tree, str(reply.get("sn", ""))
 
 
 async def link_for_path(url: str, password: str, opts: MountOptions) -> str:
@@ -140,29 +92,6 @@ async def logout_account(url: str, password: str, opts: MountOptions) -> bool:
         await api.aclose()
 
 
-def _renewer(
-    api: MegaApi, session: Session, email: str, password: str, cache: Path
-) -> Callable[[], Awaitable[None]]:
-    """What the mount does when its session expires (ESID): log in again with the
-    password it was mounted with, and cache the new session for the next mount."""
-
-    async def renew() -> None:
-        new = await login(api, email, password)
-        if new.user_handle != session.user_handle or new.master_key != session.master_key:
-            api.sid = None
-            raise MegaError(detail="logging in again gave another account", command="us")
-        try:
-            await trio.to_thread.run_sync(lambda: save_session(cache, new, password))
-        except OSError as exc:
-            log.warning("could not write the MEGA session cache: %s", exc)
-
-    return renew
-
-
-def _cache_key(master_key: bytes) -> bytes:
-    return hmac.new(master_key, b"megafs/mega/v1/block-cache", hashlib.sha256).digest()
-
-
 async def serve_mega(
     url: str,
     mountpoint: Path,
@@ -175,32 +104,12 @@ async def serve_mega(
     api: MegaApi | None = None
     try:
         check_mountpoint(mountpoint)
-        email, _ = parse_mega_url(url)
+        parse_mega_url(url)
         password = passphrase.decode("utf-8")
-        api = MegaApi()
-        local = local_dir(opts, api, email)
-        lock = lock_local_state(local)
-        api, session = await connect(email, password, local, api=api)
-        api.renew_session = _renewer(api, session, email, password, local / "session")
-        tree, sn = await fetch_tree(api, session)
-        cache = BlockCache(
-            local / "blocks",
-            _cache_key(session.master_key),
-            session.user_handle.encode(),
-            max_bytes=opts.cache_max_bytes(local),
-        )
-        vfs = MegaVfs(
-            api,
-            tree,
-            cache=cache,
-            staging_dir=local / "staging",
-            sn=sn,
-            root=opts.mega_root,
-            read_only=opts.read_only,
-            permanent_delete=opts.mega_delete_permanent,
-            fsync_remote=opts.fsync_remote,
-        )
-        await vfs.refresh_quota()
+        stack = await open_mega_stack(url, password, opts)
+        api, email, tree, cache, vfs = stack.api, stack.email, stack.tree, stack.cache, stack.vfs
+        lock = stack.lock
+        vfs.invalidate = invalidate
 
         def status() -> dict[str, object]:
             """The same document as a volume mount's (megafs.mount._StatusView): a file

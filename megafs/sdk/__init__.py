@@ -1,4 +1,4 @@
-"""megafs for programs: read and write a volume without mounting it.
+"""megafs for programs: read and write a volume or a MEGA account without mounting it.
 
 Async first (trio)::
 
@@ -15,6 +15,8 @@ and synchronous, through :mod:`megafs.sdk.sync` (a trio loop in a background thr
 
     with megafs.sdk.sync.open_drive("/srv/vol", passphrase="...") as drive:
         print(drive.read_bytes("photos/notes.txt"))
+
+A MEGA account opens as ``open_drive("mega://EMAIL", mega_password="...")``.
 
 The drive runs on the same filesystem core as ``megafs mount`` (ARCHITECTURE §3), with
 the same durability contract (§6) and the same single-writer lease. Errors: see

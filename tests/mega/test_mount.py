@@ -14,12 +14,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MEGAFS, Mount, fuse_available, serving
+from conftest import MEGAFS, Mount, by_name, fuse_available, serving
 
 from megafs.mega import crypto
 from megafs.testing.megaemu.client import EmuClient
@@ -41,20 +40,6 @@ def mega_mount(emulator: EmulatorProcess, tmp: Path, *options: str, pw: str = PA
         passphrase=pw,
         env={"MEGAFS_MEGA_API_URL": emulator.url},
     )
-
-
-@pytest.fixture
-def client(emulator: EmulatorProcess) -> Iterator[EmuClient]:
-    """Another MEGA client on the same account (the way a phone or the web client would be)."""
-    with EmuClient(emulator.url) as c:
-        c.login(EMAIL, PASSWORD)
-        yield c
-
-
-def by_name(client: EmuClient, parent: str) -> dict[str, dict[str, Any]]:
-    """The account's children of ``parent`` as the server holds them, by MEGA name."""
-    nodes = client.fetch()["f"]
-    return {client.name_of(n): n for n in nodes if n.get("p") == parent}
 
 
 def wait_for(predicate: Any, timeout: float = EVENT_WAIT) -> None:
