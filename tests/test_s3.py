@@ -21,7 +21,7 @@ import trio
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
 from megafs.stores import ObjectInfo, open_store
 from megafs.stores.retry import RetryPolicy
-from megafs.stores.s3 import S3Store, load_credentials, parse_s3_url
+from megafs.stores.s3 import REQUEST_SLOTS, S3Store, load_credentials, parse_s3_url
 from megafs.stores.sigv4 import EMPTY_SHA256, Credentials, authorization, canonical_query
 from megafs.testing import check_store
 from megafs.testing.s3server import S3Server, juicefs_binary
@@ -180,13 +180,52 @@ def _fake_store(handler: Callable[[httpx.Request], httpx.Response]) -> S3Store:
         endpoint="http://127.0.0.1:1",
         policy=FAST,
     )
-    store._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    store._clients = [client, client]  # reads, writes
     return store
 
 
 def _error(status: int, code: str) -> httpx.Response:
     body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>m</Message></Error>"
     return httpx.Response(status, content=body.encode())
+
+
+def test_requests_in_flight_are_capped_per_kind() -> None:
+    """At most REQUEST_SLOTS writes are in flight (the rest wait in the store, not in
+    httpx's pool), and reads still go through while the writes are all busy."""
+    inflight = {"PUT": 0, "GET": 0}
+    peak = dict(inflight)
+    release = trio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        kind = request.method
+        inflight[kind] += 1
+        peak[kind] = max(peak[kind], inflight[kind])
+        try:
+            if kind == "PUT":
+                await release.wait()
+            return httpx.Response(200, headers={"ETag": '"e"'}, content=b"ok")
+        finally:
+            inflight[kind] -= 1
+
+    store = _fake_store(handler)  # type: ignore[arg-type]  # an async handler
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(REQUEST_SLOTS + 10):
+                nursery.start_soon(store.put, f"k{i}", b"data")
+            with trio.fail_after(5):
+                while inflight["PUT"] < REQUEST_SLOTS:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.05)
+            assert inflight["PUT"] == REQUEST_SLOTS
+            with trio.fail_after(5):
+                assert await store.get("r") == b"ok"
+            release.set()
+        assert peak["PUT"] == REQUEST_SLOTS
+        await store.aclose()
+
+    run(main)
 
 
 def test_transient_errors_are_retried(caplog: pytest.LogCaptureFixture) -> None:
@@ -489,7 +528,8 @@ def test_s3_virtual_hosted_addressing(s3: S3Server) -> None:
             path_style=False,
         )
         assert store._target("k")[0] == f"{s3.bucket}.localhost:{port}"
-        store._client = httpx.AsyncClient(transport=_ToLoopback())
+        client = httpx.AsyncClient(transport=_ToLoopback())
+        store._clients = [client, client]  # reads, writes
         etag = await store.put("a/b", b"virtual")
         assert await store.get("a/b", 1) == b"irtual"
         assert await store.list() == [ObjectInfo("a/b", 7, etag)]

@@ -13,7 +13,7 @@ from megafs.stores import MemoryStore
 from megafs.stores.retry import RetryPolicy
 from megafs.stores.s3 import S3Store
 from megafs.stores.sigv4 import Credentials
-from megafs.stores.staging import StagingStore
+from megafs.stores.staging import DEDUP_CHECK_MIN, StagingStore
 from megafs.testing import FaultyStore, check_store
 
 
@@ -78,6 +78,31 @@ def test_barrier_waits_for_earlier_chunks(tmp_path: Path) -> None:
         assert order.index("c/99") < len(order) - 1  # before the second barrier
         assert await remote.inner.get("d/dir") == b"meta v2"
         assert not list(tmp_path.glob("*.op"))
+
+    trio.run(main)
+
+
+def test_only_large_chunks_are_looked_up_before_upload(tmp_path: Path) -> None:
+    """A chunk the remote store has is not sent again if it is large; a small one is
+    sent without a HEAD first (asking would cost as much as sending)."""
+    big = b"b" * DEDUP_CHECK_MIN
+
+    async def main() -> None:
+        remote = FaultyStore(MemoryStore())
+        await remote.inner.put("c/big", big)
+        await remote.inner.put("c/small", b"small")
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        await s.put("c/big", big)
+        await s.put("c/small", b"small")
+        await s.put("c/new-big", big + b"!")
+        await s.put("d/dir", b"meta")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            await s.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert sorted(remote.puts) == ["c/new-big", "c/small", "d/dir"]
+        assert remote.calls["head"] == 2  # c/big, c/new-big
+        assert await remote.inner.get("c/new-big") == big + b"!"
 
     trio.run(main)
 

@@ -15,7 +15,7 @@ deletions) is uploaded only after every operation staged before it is on the rem
 store. So the remote store never holds metadata that references a chunk it lacks.
 Non-barrier objects are immutable and named by their content, so one the remote
 store has already (same key and size) is not uploaded again (dedup, off the write
-path).
+path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
 
 Durability. Staged files are written to a temporary name and renamed, so a killed
 process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 
 _MAGIC: Final = b"MFS1"
 INLINE_IO_MAX: Final = 256 * 1024
+#: Immutable objects at least this large are looked up (HEAD) before they are uploaded,
+#: and not uploaded if the remote store has them. A smaller one is simply uploaded: on a
+#: remote store with latency, asking costs as much as sending (a round trip and a
+#: request's CPU), and most small objects are new.
+DEDUP_CHECK_MIN: Final = 1 << 20
 _HEAD = struct.Struct(">4scH")
 
 
@@ -388,7 +393,7 @@ class StagingStore:
         self.last_error_time = time.time()
 
     async def _on_remote(self, e: _Entry) -> bool:
-        if self._is_barrier(e.key):
+        if self._is_barrier(e.key) or e.size < DEDUP_CHECK_MIN:
             return False
         try:
             return (await self.remote.head(e.key)).size == e.size
