@@ -38,3 +38,4 @@ from megafs.sdk._transfer import Stats as Stats
 from megafs.sdk._types import DirEntry as DirEntry
 from megafs.sdk._types import PathArg as PathArg
 from megafs.sdk._types import StatResult as StatResult
+from megafs.sdk._types import StatVfsResult as StatVfsResult

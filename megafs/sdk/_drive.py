@@ -33,7 +33,7 @@ from megafs.mega.fs import MegaVfs
 from megafs.sdk import _transfer
 from megafs.sdk._errors import mapped
 from megafs.sdk._file import File, open_flags
-from megafs.sdk._types import DirEntry, PathArg, StatResult
+from megafs.sdk._types import DirEntry, PathArg, StatResult, StatVfsResult
 from megafs.vfs.fs import RENAME_NOREPLACE, Ctx, Vfs
 from megafs.vfs.node import Attr
 
@@ -202,6 +202,12 @@ class Drive:
             return stat.S_ISREG((await self.stat(path)).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             return False
+
+    async def statvfs(self, path: PathArg = "/") -> StatVfsResult:
+        """The drive's size, free space and name length limit (as :func:`os.statvfs`)."""
+        with mapped(_display(path)):
+            await self._existing(path)
+            return StatVfsResult._of(self._fs.statfs())
 
     # ------------------------------------------------------------- directories
 

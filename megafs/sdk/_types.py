@@ -7,6 +7,7 @@ import stat
 from dataclasses import dataclass
 from typing import Final, final
 
+from megafs.vfs.fs import StatFs
 from megafs.vfs.node import Attr
 
 #: A path inside a drive: ``"dir/file"``, ``"/dir/file"`` (the same), bytes, or a
@@ -82,3 +83,36 @@ class DirEntry:
 
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.stat.st_mode)
+
+
+@final
+@dataclass(frozen=True)
+class StatVfsResult:
+    """The drive's size and limits, with the fields of :func:`os.statvfs_result` (as a
+    mount's ``statvfs`` shows them: a volume on a local store reports that disk's
+    space, on a remote store nominal sizes; a MEGA account, its storage quota)."""
+
+    f_bsize: int
+    f_frsize: int
+    f_blocks: int
+    f_bfree: int
+    f_bavail: int
+    f_files: int
+    f_ffree: int
+    f_favail: int
+    f_namemax: int
+
+    @classmethod
+    def _of(cls, s: StatFs) -> StatVfsResult:
+        bs = s.block_size
+        return cls(
+            bs,
+            bs,
+            s.blocks,
+            s.blocks_free,
+            s.blocks_free,
+            s.files,
+            s.files_free,
+            s.files_free,
+            s.name_max,
+        )

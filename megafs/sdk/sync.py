@@ -207,6 +207,7 @@ class SyncDrive:
     exists = _blocking(Drive.exists)
     is_dir = _blocking(Drive.is_dir)
     is_file = _blocking(Drive.is_file)
+    statvfs = _blocking(Drive.statvfs)
     scandir = _blocking(Drive.scandir)
     listdir = _blocking(Drive.listdir)
     mkdir = _blocking(Drive.mkdir)
@@ -274,6 +275,7 @@ def open_drive(
     *,
     passphrase: str | bytes | None = None,
     key_file: str | os.PathLike[str] | None = None,
+    mega_password: str | None = None,
     read_only: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     commit_interval: float = 1.0,
@@ -287,6 +289,7 @@ def open_drive(
         url,
         passphrase=passphrase,
         key_file=key_file,
+        mega_password=mega_password,
         read_only=read_only,
         cache_dir=cache_dir,
         commit_interval=commit_interval,

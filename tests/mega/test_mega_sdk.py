@@ -20,6 +20,7 @@ import trio
 from conftest import MEGAFS, PASSPHRASE, by_name, make_volume
 
 import megafs.sdk
+import megafs.sdk.sync
 from megafs.config import UsageError
 from megafs.mega.errors import MegaError
 from megafs.stack import OpenError
@@ -159,6 +160,22 @@ def test_transfers_and_remote_changes(api_url: str, client: EmuClient, tmp_path:
     assert (tmp_path / "back" / "a.txt").read_bytes() == b"a" * 1000
     assert os.stat(tmp_path / "back" / "a.txt").st_mtime == 1_600_000_000
     assert client.download(node_at(client, "up/sub/b.bin")) == (src / "sub" / "b.bin").read_bytes()
+
+
+def test_sync_wrapper(api_url: str, client: EmuClient, tmp_path: Path) -> None:
+    with megafs.sdk.sync.open_drive(URL, mega_password=PASSWORD, cache_dir=tmp_path / "cache") as d:
+        st = d.statvfs()  # the account's quota
+        assert st.f_blocks > 0 and 0 <= st.f_bavail <= st.f_blocks and st.f_namemax == 255
+        d.mkdir("a/b", parents=True)
+        d.write_bytes("a/b/f.txt", b"through the blocking API")
+        with d.open("a/b/f.txt", "rb") as f:
+            f.seek(8)
+            assert f.read(3) == b"the"
+        d.sync(remote=True)
+        assert client.download(node_at(client, "a/b/f.txt")) == b"through the blocking API"
+        d.rename("a/b/f.txt", "a/g.txt")
+        assert [(p, sorted(n)) for p, _, n in d.walk("a")] == [("/a", ["g.txt"]), ("/a/b", [])]
+    assert set(by_name(client, node_at(client, "a")["h"])) == {"b", "g.txt"}
 
 
 def test_opening_errors(api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

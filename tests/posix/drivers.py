@@ -904,6 +904,10 @@ class SdkDriver(Driver):
     def scandir(self, path: str) -> Iterator[str]:
         yield from self.drive.listdir(path)
 
+    def statvfs(self, path: str) -> StatVfs:
+        s = self.drive.statvfs(path)
+        return StatVfs(s.f_bsize, s.f_blocks, s.f_bfree, s.f_files, s.f_ffree, s.f_namemax)
+
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
         self.drive.setxattr(path, name, value, flags)
 

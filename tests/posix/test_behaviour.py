@@ -127,15 +127,14 @@ def assert_same_tree(after: dict[str, dict[str, Any]], before: dict[str, dict[st
 
 # The SDK (megafs.sdk, a third front end on the same Vfs) runs every case above that
 # takes ``fs``, except these: what the SDK does not offer (FIFOs and device nodes,
-# statvfs, RENAME_EXCHANGE, reading what a crash would leave) and what only the
-# kernel does (chown clearing set-user-ID).
+# RENAME_EXCHANGE, reading what a crash would leave) and what only the kernel does
+# (chown clearing set-user-ID).
 NOT_THROUGH_SDK = {
     "test_chown_clears_setuid_and_setgid",
     "test_rename_exchange_file_and_dir",
     "test_mkfifo",
     "test_mknod_device_keeps_rdev",
     "test_readdir_lists_exactly_the_entries",
-    "test_statvfs",
     "test_fsynced_content_survives_crash_during_rewrite",
     "test_everything_survives_remount",
     "test_changes_after_remount_survive_remount",
