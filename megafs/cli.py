@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     pu.add_argument("--timeout", type=float, default=3600.0)
 
     pl = sub.add_parser("link", help="print a MEGA public link for a file")
-    pl.add_argument("path", help="a file in a mounted MEGA account, or mega://EMAIL/path")
+    pl.add_argument("path", help="a file in a mounted MEGA account, or mega://EMAIL[:]/PATH")
     pl.add_argument("--passphrase-file", type=Path)
     pl.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
 

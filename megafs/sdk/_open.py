@@ -19,7 +19,8 @@ back only when nothing is left to upload.
 A MEGA account (``mega://EMAIL``) runs the same way on the MEGA mount's stack
 (:mod:`megafs.mega.stack`): ``MegaVfs.run`` does its background work (remote changes,
 read-ahead, uploads and their retries), and leaving the block uploads what is still
-staged, as a MEGA unmount does.
+staged, as a MEGA unmount does: an upload that fails then is logged, and the file
+stays staged (sealed) for the next opening or mount to upload.
 """
 
 from __future__ import annotations

@@ -162,6 +162,25 @@ def test_transfers_and_remote_changes(api_url: str, client: EmuClient, tmp_path:
     assert client.download(node_at(client, "up/sub/b.bin")) == (src / "sub" / "b.bin").read_bytes()
 
 
+def test_an_upload_that_fails_stays_staged_for_the_next_opening(
+    api_url: str, emulator: EmulatorProcess, client: EmuClient, tmp_path: Path
+) -> None:
+    data = random.Random(4).randbytes(5000)
+    emulator.set_quota(1000, EMAIL)
+
+    async def over_quota(d: megafs.sdk.Drive) -> None:
+        with pytest.raises(OSError) as info:
+            await d.write_bytes("big.bin", data)  # refused at close: it does not fit
+        assert info.value.errno == errno.EDQUOT
+        assert await d.read_bytes("big.bin") == data  # staged, readable
+
+    on_mega(tmp_path, over_quota)  # leaving tries once more, logs the failure, no error
+    assert "big.bin" not in by_name(client, client.root())
+    emulator.set_quota(1 << 30, EMAIL)
+    assert on_mega(tmp_path, lambda d: d.listdir()) == ["big.bin"]
+    assert client.download(by_name(client, client.root())["big.bin"]) == data
+
+
 def test_sync_wrapper(api_url: str, client: EmuClient, tmp_path: Path) -> None:
     with megafs.sdk.sync.open_drive(URL, mega_password=PASSWORD, cache_dir=tmp_path / "cache") as d:
         st = d.statvfs()  # the account's quota
