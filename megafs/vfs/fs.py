@@ -23,6 +23,7 @@ Concurrency rules (trio, one thread):
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -773,12 +774,17 @@ class Vfs:
     async def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
         """Entries after cookie ``start``: (name, attributes, cookie)."""
         d = await self._dir(ino)
-        assert d.entries is not None
-        items = [(d.cookies[name], name, i) for name, i in d.entries.items()]
+        entries = d.entries
+        assert entries is not None
+        order = d.cookie_order()
+        first = bisect.bisect_right(order, start, key=lambda item: item[0])
 
         def gen() -> Iterator[tuple[bytes, Attr, int]]:
-            for cookie, name, i in items:
-                if cookie > start and i in self.nodes:
+            # Consumed right away (no await in between): entries and order are current.
+            for k in range(first, len(order)):
+                cookie, name = order[k]
+                i = entries.get(name)
+                if i is not None and i in self.nodes:
                     yield name, self.nodes[i].attr(), cookie
 
         return gen()

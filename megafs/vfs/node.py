@@ -62,6 +62,10 @@ class Node:
     entries: dict[bytes, int] | None = None
     cookies: dict[bytes, int] = field(default_factory=dict)
     next_cookie: int = 1
+    # (cookie, name) of ``cookies`` in cookie order, and the (next_cookie, count) it
+    # was built for: any add or remove changes that pair (see cookie_order).
+    _cookie_order: list[tuple[int, bytes]] = field(default_factory=list, repr=False)
+    _cookie_order_key: tuple[int, int] = (0, 0)
     stored: bool = True  # directory/inode object exists on the store
     loading: trio.Event | None = None
     # Files: chunk index -> full current plaintext of that chunk (dirty, not stored).
@@ -137,6 +141,16 @@ class Node:
         self.entries[name] = ino
         self.cookies[name] = self.next_cookie
         self.next_cookie += 1
+
+    def cookie_order(self) -> list[tuple[int, bytes]]:
+        """(cookie, name) of every entry, sorted by cookie: built once per change of
+        the directory, so that paging through it (readdir) is not quadratic. Do not
+        modify the list."""
+        key = (self.next_cookie, len(self.cookies))
+        if key != self._cookie_order_key:
+            self._cookie_order = sorted((c, n) for n, c in self.cookies.items())
+            self._cookie_order_key = key
+        return self._cookie_order
 
     def remove_entry(self, name: bytes) -> int:
         assert self.entries is not None
