@@ -7,8 +7,17 @@ for it). Keys map to paths below the base collection; ``/`` in a key is a collec
 
 Conditional puts: RFC 4918/7232 servers honour ``If-None-Match: *`` and ``If-Match``. We
 probe once per store whether the server does (a conditional PUT that must fail); if it
-does not, we fall back to HEAD-then-PUT, which is only best effort: two concurrent writers
-may both succeed. This is logged once.
+does not, conditional puts run under an exclusive LOCK, or, without LOCK, fall back to
+HEAD-then-PUT, which is only best effort: two concurrent writers may both succeed. This
+is logged once.
+
+Replacing objects: some servers write a PUT body in place (rclone before 1.63, servers
+on golang.org/x/net/webdav's Dir), so a PUT cut off mid-body would leave a prefix and
+lose the old object. Probed once per store (:meth:`WebDavStore._put_is_atomic`); on such
+servers objects are uploaded under a scratch name (``.megafs-*``, never listed) and
+moved onto their key. Readers racing a replacement on those servers may still see no
+object for an instant (MOVE deletes, then renames) -- a reader of a volume checks what
+it reads and retries or fails with EIO, never returns wrong bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ import contextlib
 import logging
 import os
 import posixpath
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
@@ -35,6 +45,11 @@ T = TypeVar("T")
 
 _DAV: Final = "{DAV:}"
 _TRANSIENT_STATUS: Final = frozenset({408, 423, 425, 429, 500, 502, 503, 504, 507})
+#: Names the store makes for itself next to the objects (probes, uploads on their way to
+#: a key): never listed.
+_SCRATCH: Final = ".megafs-"
+#: How long the probe of a server's PUT looks for a prefix left by a cut-off PUT.
+PUT_PROBE_WINDOW: Final = 0.5
 #: Seconds our LOCKs last (conditional puts under a lock): a lock we lost track of
 #: (the answer to our LOCK never came) blocks writes to that object for this long.
 LOCK_TIMEOUT: Final = 15
@@ -128,6 +143,7 @@ class WebDavStore:
         self._base_checked = False
         self._conditional: str | None = None  # "headers", "lock" or "none"; see put()
         self._can_lock = False  # server has class 2 (LOCK); set by the probe
+        self._atomic_put: bool | None = None  # see _put_is_atomic()
         self._probe_lock = trio.Lock()
         # Locks of ours whose UNLOCK failed (encoded path -> lock token): released when a
         # request on that path meets 423 Locked. Concurrency: entries are added and
@@ -297,7 +313,7 @@ class WebDavStore:
         async with self._probe_lock:
             if self._conditional is not None:
                 return self._conditional
-            probe = self._base_path + ".megafs-ifmatch-probe"
+            probe = self._base_path + _SCRATCH + "ifmatch-probe"
             resp = await self._request("PUT", probe, content=b"probe")
             if resp.status_code not in (200, 201, 204):
                 raise StoreError(f"WebDAV PUT answered {resp.status_code}")
@@ -324,7 +340,97 @@ class WebDavStore:
                 )
             return self._conditional
 
+    async def _put_is_atomic(self) -> bool:
+        """Whether the server keeps the old object whole while a PUT replaces it, and when
+        a PUT is cut off mid-body. Apache, nginx and Nextcloud do (they write a temporary
+        file and rename it). Servers that write in place (rclone before 1.63, servers on
+        golang.org/x/net/webdav's Dir) show readers a prefix of a PUT under way and leave
+        the prefix behind when the PUT is cut off (the old object is lost): there, puts
+        go to a scratch name and are moved onto the key (:meth:`_put_via_scratch`). Probed once per
+        store: a PUT cut off after half its body, then the object is looked at for up to
+        ``PUT_PROBE_WINDOW`` seconds."""
+        async with self._probe_lock:
+            if self._atomic_put is not None:
+                return self._atomic_put
+            probe = self._base_path + _SCRATCH + "put-probe"
+            old = b"o" * 4096
+            resp = await self._request("PUT", probe, content=old)
+            if resp.status_code not in (200, 201, 204):
+                raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+            await self._cut_put(probe, len(old))
+            atomic = True
+            deadline = trio.current_time() + PUT_PROBE_WINDOW
+            while atomic and trio.current_time() < deadline:
+                await trio.sleep(0.02)
+                resp = await self._request("GET", probe)
+                atomic = resp.status_code == 200 and resp.content == old
+            await self._request("DELETE", probe)
+            self._atomic_put = atomic
+            if not atomic:
+                log.info(
+                    "%s writes PUT bodies in place: objects are uploaded under a scratch "
+                    "name and moved onto their key",
+                    self._url,
+                )
+            return atomic
+
+    async def _cut_put(self, path: str, length: int) -> None:
+        """A PUT announcing ``length`` bytes that sends half of them, then drops the
+        connection."""
+
+        class Cut(Exception):
+            pass
+
+        async def half() -> AsyncIterator[bytes]:
+            yield b"n" * (length // 2)
+            await trio.sleep(0.05)  # the server reads the first half
+            raise Cut
+
+        with contextlib.suppress(Cut, httpx.HTTPError):
+            await self._client.request(
+                "PUT", self._origin + path, content=half(), headers={"Content-Length": str(length)}
+            )
+
+    def _scratch(self, path: str) -> str:
+        """A fresh scratch name next to ``path`` (an encoded object path)."""
+        return f"{path.rsplit('/', 1)[0]}/{_SCRATCH}{secrets.token_hex(8)}"
+
+    async def _put_via_scratch(self, path: str, data: bytes, token: str | None = None) -> None:
+        """PUT ``data`` under a scratch name next to ``path``, then MOVE it onto ``path``
+        (``token``: our lock on ``path``). The server removes the old object and renames
+        the new one within that one request, so a cut-off upload never damages the
+        object, and readers see the old or the new one (or, for an instant in between,
+        none). The scratch object goes in any case (unless the store is unreachable
+        then: invisible to :meth:`list`, it stays as litter)."""
+        scratch = self._scratch(path)
+        moved = False
+        try:
+            resp = await self._request("PUT", scratch, content=data)
+            if resp.status_code == 409:
+                self._collections = {self._base_path}  # see _put_once
+                raise StoreUnavailable(f"WebDAV PUT {unquote(path)}: parent collection missing")
+            if resp.status_code not in (200, 201, 204):
+                raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+            headers = {"Destination": self._origin + path, "Overwrite": "T"}
+            if token is not None:
+                headers["If"] = f"<{self._origin}{path}> ({token})"
+            resp = await self._request("MOVE", scratch, headers=headers)
+            if resp.status_code == 412:
+                raise StoreUnavailable(f"WebDAV MOVE onto {unquote(path)}: our lock expired")
+            if resp.status_code not in (200, 201, 204):
+                raise StoreError(f"WebDAV MOVE answered {resp.status_code}")
+            moved = True
+        finally:
+            if not moved:
+                with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                    await self._request("DELETE", scratch)
+
     async def _put_once(self, key: str, path: str, data: bytes, headers: dict[str, str]) -> str:
+        # Puts the server checks itself (If-Match/If-None-Match headers) go to the key.
+        if not headers and not await self._put_is_atomic():
+            await self._mkcol_chain(path)
+            await self._put_via_scratch(path, data)
+            return (await self._head_once(key)).etag
         await self._mkcol_chain(path)
         resp = await self._request("PUT", path, headers=headers, content=data)
         if resp.status_code == 409:
@@ -357,6 +463,7 @@ class WebDavStore:
         LOCK and PUT leaves an empty object under the key (a later reader sees an
         empty, invalid object; the volume's lease replaces one).
         """
+        atomic = await self._put_is_atomic()
         await self._mkcol_chain(path)
         body = (
             b'<?xml version="1.0" encoding="utf-8"?>'
@@ -402,12 +509,15 @@ class WebDavStore:
                 cur is None or _strip_weak(cur.etag) != _strip_weak(if_match)
             ):
                 raise PreconditionFailed(key)
-            resp = await self._request("PUT", path, headers=if_header, content=data)
-            if resp.status_code == 412:
-                # Our lock is gone (it expired before the PUT came): start again.
-                raise StoreUnavailable(f"WebDAV PUT {key}: our lock expired")
-            if resp.status_code not in (200, 201, 204):
-                raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+            if atomic:
+                resp = await self._request("PUT", path, headers=if_header, content=data)
+                if resp.status_code == 412:
+                    # Our lock is gone (it expired before the PUT came): start again.
+                    raise StoreUnavailable(f"WebDAV PUT {key}: our lock expired")
+                if resp.status_code not in (200, 201, 204):
+                    raise StoreError(f"WebDAV PUT answered {resp.status_code}")
+            else:
+                await self._put_via_scratch(path, data, token)
             written = True
         finally:
             with trio.CancelScope(shield=True):
@@ -574,7 +684,7 @@ class WebDavStore:
                         if relc.startswith(prefix) or prefix.startswith(relc):
                             todo.append(self._base_path + quote(relc, safe="/"))
                         continue
-                    if rel.startswith(prefix) and not rel.startswith(".megafs-ifmatch-probe"):
+                    if rel.startswith(prefix) and not posixpath.basename(rel).startswith(_SCRATCH):
                         found.append(ObjectInfo(key=rel, size=size, etag=etag))
             found.sort(key=lambda i: i.key)
             return found
