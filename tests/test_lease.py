@@ -74,26 +74,33 @@ def test_renewal_keeps_it_and_a_damaged_lease_is_replaced() -> None:
     trio.run(main)
 
 
-class _AnswerLost:
-    """A store whose conditional puts land but whose answer is lost once: the store's
-    retry of the same put then finds the ETag it made and is refused (412)."""
+class _Racy:
+    """The lease as a store without atomic replace may show it: a conditional put lands
+    but its answer is lost (the store's retry of the put then meets the ETag it made,
+    412), or a get returns the lease half written (``half_reads`` times)."""
 
-    def __init__(self, inner: ObjectStore) -> None:
+    def __init__(self, inner: ObjectStore, *, lose_answers: bool = False) -> None:
         self.inner = inner
+        self.lose_answers = lose_answers
         self.lost_answers = 0
+        self.half_reads = 0
 
     @property
     def url(self) -> str:
         return self.inner.url
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
-        return await self.inner.get(key, start, end)
+        data = await self.inner.get(key, start, end)
+        if self.half_reads:
+            self.half_reads -= 1
+            return data[: len(data) // 2]
+        return data
 
     async def put(
         self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
     ) -> str:
         etag = await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
-        if if_match is None:
+        if if_match is None or not self.lose_answers:
             return etag
         self.lost_answers += 1
         return await self.inner.put(key, data, if_match=if_match)  # raises PreconditionFailed
@@ -113,7 +120,7 @@ class _AnswerLost:
 
 def test_renewal_whose_answer_was_lost_keeps_the_lease() -> None:
     async def main() -> None:
-        store = _AnswerLost(MemoryStore())
+        store = _Racy(MemoryStore(), lose_answers=True)
         lease = Lease(store, derive_keys(b"k" * 32, b"v" * 16), ttl=0.2)
         await lease.acquire()
         with trio.move_on_after(0.5):
@@ -124,6 +131,21 @@ def test_renewal_whose_answer_was_lost_keeps_the_lease() -> None:
         assert lease.etag == current[1]
         await lease.release()
         assert await lease.read() is None
+
+    trio.run(main)
+
+
+def test_lease_read_half_written_is_not_taken_over() -> None:
+    async def main() -> None:
+        store = _Racy(MemoryStore())
+        keys = derive_keys(b"k" * 32, b"v" * 16)
+        holder = Lease(store, keys)
+        await holder.acquire()
+        store.half_reads = 1  # the second mount reads it while the holder renews it
+        with pytest.raises(LeaseHeld):
+            await Lease(store, keys).acquire()
+        current = await holder.read()
+        assert current is not None and current[0].mount_id == holder.mount_id
 
     trio.run(main)
 

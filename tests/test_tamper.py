@@ -13,10 +13,11 @@ import pytest
 import trio
 from conftest import PASSPHRASE, TEST_KDF
 
-from megafs.errors import CorruptHeader, IntegrityError, WrongPassphrase
+from megafs.errors import CorruptHeader, IntegrityError, ObjectNotFound, WrongPassphrase
 from megafs.format import HEADER_KEY
 from megafs.format.chunks import CHUNK_SIZE, SEALED_BLOCK_SIZE
 from megafs.stores import MemoryStore
+from megafs.testing import FaultyStore
 from megafs.vfs.fs import Ctx, Vfs
 from megafs.volume.drive import Volume
 
@@ -241,5 +242,24 @@ def test_chunk_damage(damage: str, caplog: pytest.LogCaptureFixture) -> None:
         # Other files, including the other big one, read fine.
         assert await _read(vfs2, inos["b"], b"big") == BIG[b"b"]
         assert await _read(vfs2, inos["a"], b"small") == b"small a"
+
+    run(main)
+
+
+def test_metadata_object_missing_for_an_instant_is_read_again() -> None:
+    """A store without atomic replace may show a reader no object (or half of one) while
+    it is being replaced: a metadata object is fetched once more before that counts;
+    one that stays missing is damage (IntegrityError -> EIO)."""
+
+    async def main() -> None:
+        store, inos = await _populate()
+        faulty = FaultyStore(store)
+        vol = await Volume.open(faulty, PASSPHRASE.encode())
+        key = vol.dir_key(inos["a"])
+        faulty.fail_next("get", ObjectNotFound(key))
+        assert {e for e in (await vol.load_dir(inos["a"])).entries} >= {b"big", b"small"}
+        faulty.fail_next("get", ObjectNotFound(key), count=2)
+        with pytest.raises(IntegrityError, match=f"directory object {key} is missing"):
+            await vol.load_dir(inos["a"])
 
     run(main)

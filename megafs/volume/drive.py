@@ -43,6 +43,8 @@ from megafs.stores.base import ObjectStore
 log = logging.getLogger(__name__)
 
 ROOT_INO: Final = 1
+#: Seconds before a metadata object that failed to open is fetched again (_get_meta).
+REREAD_PAUSE: Final = 0.2
 INLINE_CRYPTO_MAX: Final = 256 * 1024
 
 
@@ -203,8 +205,20 @@ class Volume:
         return frec.object_key(self.keys.object_id, "i", ino)
 
     async def _get_meta(self, key: str, kind: int) -> bytes:
-        sealed = await self.store.get(key)
-        return open_sealed(self._meta, sealed, context(kind, self.volume_id, key), f"object {key}")
+        """Fetch and open a metadata object. One that fails to open or is missing is
+        fetched once more, after ``REREAD_PAUSE``, before that counts: a store without
+        atomic replace (e.g. rclone's WebDAV server) may show a reader an object in the
+        middle of being replaced (a prefix, or nothing for an instant). Damage fails
+        twice."""
+        ad = context(kind, self.volume_id, key)
+        try:
+            return open_sealed(self._meta, await self.store.get(key), ad, f"object {key}")
+        except IntegrityError as exc:
+            log.info("%s; reading it again", exc)
+        except ObjectNotFound:
+            log.info("object %s is missing; looking again", key)
+        await trio.sleep(REREAD_PAUSE)
+        return open_sealed(self._meta, await self.store.get(key), ad, f"object {key}")
 
     async def dir_etag(self, ino: int) -> str | None:
         """The ETag of a directory's object on the store (None if it is gone): one HEAD,

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 LEASE_KEY: Final = "lease"
 DEFAULT_TTL: Final = 60.0
+#: Seconds before a lease that did not open is read again (see Lease.acquire).
+DAMAGED_PAUSE: Final = 0.2
 
 
 class LeaseHeld(MegafsError):
@@ -152,14 +154,24 @@ class Lease:
 
     async def acquire(self) -> None:
         """Take the lease or raise :class:`LeaseHeld` (see the module docstring)."""
+        damaged: str | None = None  # the ETag of a lease that did not open
         for _ in range(8):
             try:
                 current = await self.read()
             except IntegrityError as exc:
-                # A damaged lease protects nothing: replace it, loudly.
+                # A damaged lease protects nothing: replace it, loudly. But only once the
+                # same object fails twice: a store without atomic replace may show us
+                # the holder's renewal half written.
+                try:
+                    etag = (await self.store.head(LEASE_KEY)).etag
+                except ObjectNotFound:
+                    continue
+                if etag != damaged:
+                    damaged = etag
+                    await trio.sleep(DAMAGED_PAUSE)
+                    continue
                 log.warning("%s; replacing it", exc)
-                head = await self.store.head(LEASE_KEY)
-                if await self._put(if_match=head.etag):
+                if await self._put(if_match=etag):
                     return
                 continue
             if current is None:
