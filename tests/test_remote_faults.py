@@ -50,7 +50,7 @@ from megafs.testing.faultproxy import (
 from megafs.testing.s3server import S3Server
 from megafs.testing.webdavserver import WebDavServer, rclone_webdav
 from megafs.volume.drive import Volume
-from tests.conftest import MEGAFS, PASSPHRASE, TEST_KDF, Mount, fuse_available
+from tests.conftest import MEGAFS, PASSPHRASE, TEST_KDF, Mount, cold_read, fuse_available
 
 pytestmark = pytest.mark.skipif(not fuse_available, reason="/dev/fuse is not usable here")
 
@@ -143,19 +143,6 @@ def write_tree(root: Path, tree: dict[str, bytes]) -> None:
         path.write_bytes(data)
 
 
-def read_file(path: Path) -> bytes:
-    """The file's bytes as the daemon has them (the page cache dropped first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        parts = []
-        while chunk := os.read(fd, 4 * MiB):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
 def check_tree(root: Path, tree: dict[str, bytes]) -> None:
     """The mount holds exactly ``tree`` (files, and the directories they imply)."""
     files, dirs = set(), set()
@@ -166,7 +153,7 @@ def check_tree(root: Path, tree: dict[str, bytes]) -> None:
     assert files == set(tree)
     assert dirs == {str(p) for name in tree for p in Path(name).parents if str(p) != "."}
     for name, data in tree.items():
-        got = read_file(root / name)
+        got = cold_read(root / name)
         assert len(got) == len(data), name
         assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest(), name
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import json
 import os
 import stat
 import threading
@@ -30,7 +31,7 @@ import trio
 from conftest import PASSPHRASE, TEST_KDF, Mount, make_volume, new_mount, serving
 
 from megafs.errors import FsError
-from megafs.mount import mounted_at
+from megafs.mount import STATUS_XATTR, mounted_at
 from megafs.stores import LocalStore, MemoryStore, ObjectStore, open_store
 from megafs.vfs.fs import ROOT_INO, Ctx, Vfs
 from megafs.vfs.node import Attr
@@ -390,9 +391,16 @@ class OsDriver(Driver):
         self.mount.restart()
 
     def read_after_crash(self, path: str) -> bytes:
+        """What a crash now leaves at ``path``: the store once the next mount has
+        uploaded what the staging area holds (fsync makes data durable there, not on
+        the store), read by a fresh read-only vfs."""
         assert self.mount is not None, "no mount to look under"
         rel = os.path.relpath(self._p(path), self.mount.path)
         m = self.mount
+        deadline = time.monotonic() + 60
+        while json.loads(os.getxattr(m.path, STATUS_XATTR))["pending_objects"]:
+            assert time.monotonic() < deadline, "uploads did not finish within 60 s"
+            time.sleep(0.05)
         if isinstance(m.store, Path):
             return trio.run(_read_on_store, LocalStore(m.store), rel)
         saved = {k: os.environ.get(k) for k in m.env}
@@ -409,14 +417,14 @@ class OsDriver(Driver):
 
 async def _read_on_store(store: ObjectStore, path: str) -> bytes:
     """Read ``path`` through a fresh read-only vfs on ``store``."""
-    vfs = Vfs(await Volume.open(store, PASSPHRASE.encode(), read_only=True), read_only=True)
-    await vfs.start()
-    ino = ROOT_INO
-    for part in path.split("/"):
-        ino = (await vfs.lookup(ino, os.fsencode(part))).ino
-    fh = await vfs.open(ino, os.O_RDONLY)
-    size = (await vfs.getattr(ino)).size
     try:
+        vfs = Vfs(await Volume.open(store, PASSPHRASE.encode(), read_only=True), read_only=True)
+        await vfs.start()
+        ino = ROOT_INO
+        for part in path.split("/"):
+            ino = (await vfs.lookup(ino, os.fsencode(part))).ino
+        fh = await vfs.open(ino, os.O_RDONLY)
+        size = (await vfs.getattr(ino)).size
         return await vfs.read(fh, 0, size)
     finally:
         await store.aclose()
