@@ -31,11 +31,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
-import defusedxml.ElementTree as SafeET
 import httpx
 import trio
 
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
+from megafs.stores._davxml import PROPFIND_BODY, BadMultistatus, DavEntry, parse_multistatus
 from megafs.stores.base import ObjectInfo
 from megafs.stores.retry import DEFAULT_POLICY, RetryPolicy, retrying
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_DAV: Final = "{DAV:}"
 _TRANSIENT_STATUS: Final = frozenset({408, 423, 425, 429, 500, 502, 503, 504, 507})
 #: Names the store makes for itself next to the objects (probes, uploads on their way to
 #: a key): never listed.
@@ -53,12 +52,6 @@ PUT_PROBE_WINDOW: Final = 0.5
 #: Seconds our LOCKs last (conditional puts under a lock): a lock we lost track of
 #: (the answer to our LOCK never came) blocks writes to that object for this long.
 LOCK_TIMEOUT: Final = 15
-_PROPFIND_BODY: Final = (
-    b'<?xml version="1.0" encoding="utf-8"?>'
-    b'<d:propfind xmlns:d="DAV:"><d:prop>'
-    b"<d:resourcetype/><d:getcontentlength/><d:getetag/>"
-    b"</d:prop></d:propfind>"
-)
 
 
 def _auth_from_env() -> httpx.Auth | None:
@@ -210,7 +203,7 @@ class WebDavStore:
         if self._base_checked:
             return
         resp = await self._request(
-            "PROPFIND", self._base_path, headers={"Depth": "0"}, content=_PROPFIND_BODY
+            "PROPFIND", self._base_path, headers={"Depth": "0"}, content=PROPFIND_BODY
         )
         if resp.status_code == 404:
             raise StoreError(f"no such WebDAV folder: {self._url}")
@@ -244,15 +237,14 @@ class WebDavStore:
 
     async def _is_collection(self, coll: str) -> bool:
         resp = await self._request(
-            "PROPFIND", coll, headers={"Depth": "0"}, content=_PROPFIND_BODY, forbidden_ok=True
+            "PROPFIND", coll, headers={"Depth": "0"}, content=PROPFIND_BODY, forbidden_ok=True
         )
         if resp.status_code != 207:
             return False
         try:
-            root = SafeET.fromstring(resp.content)
-        except Exception:
+            return any(e.is_collection for e in parse_multistatus(resp.content, coll))
+        except BadMultistatus:
             return False
-        return root.find(f".//{_DAV}resourcetype/{_DAV}collection") is not None
 
     # -- ObjectStore ----------------------------------------------------------
 
@@ -281,8 +273,11 @@ class WebDavStore:
             length = resp.headers.get("content-length")
             if length is not None and len(body) < int(length):
                 raise StoreUnavailable(f"WebDAV GET {key}: truncated body")
+            if code == 200 and not ranged:
+                await self._check_unchanged(key, resp)
+                return body
             if code == 200:
-                return body[start:end] if ranged else body
+                return body[start:end]
             if code == 206:
                 cr = resp.headers.get("content-range", "")
                 want: int | None = None
@@ -305,6 +300,22 @@ class WebDavStore:
             raise StoreError(f"WebDAV GET answered {code}")
 
         return await self._retry(op, f"GET {key}")
+
+    async def _check_unchanged(self, key: str, resp: httpx.Response) -> None:
+        """Raise StoreUnavailable (to be retried) if the object ``resp`` answered a
+        whole-object GET for has been replaced since (a HEAD gives another ETag). Apache
+        stats a file before it opens it: a GET racing a replacement can send the new
+        bytes cut at the old size, under the old ETag. Whole-object reads are the ones
+        of objects that get replaced; ranged reads are not checked."""
+        etag = resp.headers.get("etag")
+        if etag is None:
+            return
+        try:
+            now = await self._head_once(key)
+        except ObjectNotFound:
+            now = None
+        if now is None or _strip_weak(now.etag) != _strip_weak(etag):
+            raise StoreUnavailable(f"WebDAV GET {key}: the object changed while it was read")
 
     async def _probe_conditional(self) -> str:
         """How conditional puts are done: "headers" (the server refuses ``If-None-Match: *``
@@ -614,55 +625,24 @@ class WebDavStore:
 
         return await self._retry(op, f"HEAD {key}")
 
-    async def _propfind(self, coll: str) -> list[tuple[str, bool, int, str]]:
-        """(decoded path, is_collection, size, etag) for the children of ``coll``."""
+    async def _propfind(self, coll: str) -> list[DavEntry]:
+        """The children of ``coll`` (an encoded collection path)."""
         resp = await self._request(
             "PROPFIND",
             coll,
             headers={"Depth": "1", "Content-Type": "application/xml"},
-            content=_PROPFIND_BODY,
+            content=PROPFIND_BODY,
         )
         if resp.status_code == 404:
             return []
         if resp.status_code != 207:
             raise StoreError(f"WebDAV PROPFIND answered {resp.status_code}")
         try:
-            root = SafeET.fromstring(resp.content)
-        except Exception as exc:
-            raise StoreUnavailable(f"WebDAV PROPFIND: bad XML: {type(exc).__name__}") from None
+            entries = parse_multistatus(resp.content, coll)
+        except BadMultistatus as exc:
+            raise StoreUnavailable(f"WebDAV PROPFIND: bad XML: {exc}") from None
         me = unquote(coll).rstrip("/")
-        out: list[tuple[str, bool, int, str]] = []
-        for r in root.iter(_DAV + "response"):
-            href_el = r.find(_DAV + "href")
-            if href_el is None or not href_el.text:
-                continue
-            href = urlsplit(href_el.text.strip()).path  # absolute URL or absolute path
-            if not href.startswith("/"):
-                href = posixpath.join(coll, href)
-            dec = unquote(href)
-            is_coll = False
-            size = 0
-            etag = ""
-            for ps in r.iter(_DAV + "propstat"):
-                status = ps.findtext(_DAV + "status") or ""
-                if " 200 " not in status + " ":
-                    continue
-                prop = ps.find(_DAV + "prop")
-                if prop is None:
-                    continue
-                rt = prop.find(_DAV + "resourcetype")
-                if rt is not None and rt.find(_DAV + "collection") is not None:
-                    is_coll = True
-                cl = prop.findtext(_DAV + "getcontentlength")
-                if cl and cl.strip().isdigit():
-                    size = int(cl.strip())
-                et = prop.findtext(_DAV + "getetag")
-                if et:
-                    etag = et.strip()
-            if dec.rstrip("/") == me:
-                continue
-            out.append((dec.rstrip("/"), is_coll, size, etag))
-        return out
+        return [e for e in entries if e.path != me]
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         base_dec = unquote(self._base_path)
@@ -675,17 +655,17 @@ class WebDavStore:
             todo = [self._base_path + quote(start_dir, safe="/")]
             while todo:
                 coll = todo.pop()
-                for dec, is_coll, size, etag in await self._propfind(coll):
-                    if not dec.startswith(base_dec):
+                for entry in await self._propfind(coll):
+                    if not entry.path.startswith(base_dec):
                         continue
-                    rel = dec[len(base_dec) :]
-                    if is_coll:
+                    rel = entry.path[len(base_dec) :]
+                    if entry.is_collection:
                         relc = rel + "/"
                         if relc.startswith(prefix) or prefix.startswith(relc):
                             todo.append(self._base_path + quote(relc, safe="/"))
                         continue
                     if rel.startswith(prefix) and not posixpath.basename(rel).startswith(_SCRATCH):
-                        found.append(ObjectInfo(key=rel, size=size, etag=etag))
+                        found.append(ObjectInfo(key=rel, size=entry.size, etag=entry.etag))
             found.sort(key=lambda i: i.key)
             return found
 
