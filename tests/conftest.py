@@ -92,11 +92,11 @@ class Mount:
         if self.proc is None:
             return
         try:
-            if mounted_at(self.path):
-                subprocess.run([*MEGAFS, "umount", str(self.path)], check=False, timeout=120)
             try:
+                if mounted_at(self.path):
+                    subprocess.run([*MEGAFS, "umount", str(self.path)], check=False, timeout=120)
                 self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # umount or the daemon's exit: stop it
                 subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
                 self.proc.terminate()
                 try:
