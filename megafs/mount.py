@@ -15,7 +15,6 @@ and :meth:`Vfs.close` makes the final flush and commit before the process exits.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -39,15 +38,14 @@ from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
 from megafs.kernel_cache import invalidate
 from megafs.mega.fs import MegaVfs
+from megafs.stack import OpenError, open_stack
 from megafs.stats import RATE_WINDOW, ErrorLog, hit_rate
-from megafs.stores import LocalStore, open_store
 from megafs.stores.staging import StagingStore
 from megafs.stores.tracked import TrackedStore, track_store
-from megafs.testing.slow import SlowStore
 from megafs.vfs.blockcache import BlockCache
 from megafs.vfs.fs import Vfs
 from megafs.volume.lease import Lease
-from megafs.volume.maintenance import Secret, unlock
+from megafs.volume.maintenance import Secret
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ STATUS_XATTR = b"user.megafs.status"
 READ_AHEAD_KB = 1024
 
 
-class MountError(MegafsError):
+class MountError(OpenError):
     """The mountpoint cannot be used."""
 
     exit_code = exitcodes.MOUNTPOINT_ERROR
@@ -95,21 +93,6 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"{path} is already a mountpoint")
 
 
-def _space_of(store: object) -> Callable[[], tuple[int, int]] | None:
-    if isinstance(store, LocalStore):
-        root = store.root
-
-        def space() -> tuple[int, int]:
-            try:
-                s = os.statvfs(root)
-            except OSError:
-                return (1 << 50, 1 << 50)
-            return s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize
-
-        return space
-    return None
-
-
 class _Ops(Operations):
     """Adds control attributes on the root, answered but never listed:
     ``user.megafs.pid`` (the daemon's pid) and ``user.megafs.status`` (JSON)."""
@@ -133,34 +116,6 @@ class _Ops(Operations):
         return await super().getxattr(inode, name, ctx)
 
 
-def _lock_local_state(local: Path) -> int:
-    """Lock the volume's local state (staging area, block cache) for this process,
-    or raise :class:`MountError` if another process holds it: two daemons must never
-    replay one staging area. After an unmount the old daemon keeps the lock while it
-    uploads what is still staged. Returns the lock's fd; the lock goes with it (or
-    with the process, however it ends)."""
-    local.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(local / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        os.close(fd)
-        raise MountError(
-            f"this volume's local state in {local} is in use by megafs process {holder} "
-            "(mounted elsewhere, or still uploading after an unmount); wait for it to "
-            "exit, or stop it: what it has not uploaded, the next mount uploads"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
-
-
-def _is_barrier(key: str) -> bool:
-    """Content chunks may be uploaded in any order; everything else is ordered."""
-    return not key.startswith("c/")
-
-
 async def serve(
     store_url: str,
     mountpoint: Path,
@@ -181,53 +136,10 @@ async def serve(
         return
     try:
         check_mountpoint(mountpoint)
-        store = open_store(store_url)
-        if isinstance(store, LocalStore) and not store.root.is_dir():
-            raise MountError(f"store {store_url} does not exist")
-        if opts.store_latency or opts.store_bandwidth:
-            store = SlowStore(store, latency=opts.store_latency, bandwidth=opts.store_bandwidth)
-        volume = await unlock(
-            store, passphrase, state_root=opts.cache_dir, read_only=opts.read_only
-        )
-        local = opts.cache_dir / volume.volume_id.hex()
-        staging = None
-        lock = None if opts.read_only else _lock_local_state(local)
-        lease = None
-        if not opts.read_only:
-            lease = Lease(store, volume.keys)
-            try:
-                await lease.acquire()
-            except BaseException:
-                if lock is not None:
-                    os.close(lock)
-                raise
-        cache = BlockCache(
-            local / "blocks",
-            volume.keys.cache,
-            volume.volume_id,
-            max_bytes=opts.cache_max_bytes(local),
-        )
-        if not opts.read_only:
-            staging = StagingStore(
-                store,
-                local / "staging",
-                is_barrier=_is_barrier,
-                max_pending_bytes=opts.staging_max_bytes(local),
-                on_full=cache.make_room,  # staged changes come before cached copies
-            )
-            volume.store = staging
-        vfs = Vfs(
-            volume,
-            read_only=opts.read_only,
-            commit_interval=opts.commit_interval,
-            space=_space_of(store),
-            block_cache=cache,
-            writeback=staging,
-            fsync_remote=opts.fsync_remote,
-            dir_cache_time=opts.dir_cache_time,
-        )
+        stack = await open_stack(store_url, passphrase, opts)
+        store, volume, vfs, cache = stack.store, stack.volume, stack.vfs, stack.cache
+        staging, lease, lock = stack.staging, stack.lease, stack.lock
         vfs.invalidate = invalidate
-        await vfs.start()
         status = _StatusView(vfs, staging, cache, lease, track_store(volume, staging))
         pyfuse3.init(_Ops(vfs, status), str(mountpoint), opts.fuse_options(store.url))
     except MegafsError as exc:
