@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -90,6 +91,39 @@ class Backoff:
         return err
 
 
+WARN_EVERY: Final = 10.0
+_now = time.monotonic  # patched by tests
+
+
+@final
+class _RetryLog:
+    """Keeps a store outage to a few log lines: every upload, read and lease renewal
+    retries on its own, so during a 30 s outage dozens of operations fail at once.
+    The first retry after a quiet period is a warning; further retries within
+    ``WARN_EVERY`` seconds go to debug and are counted in the next warning.
+    No ``await`` inside; two event loops in two threads (the SDK's sync wrapper) may
+    race on the counters, which can only misplace a count in a log line, so no lock."""
+
+    def __init__(self) -> None:
+        self._last_warning = -WARN_EVERY
+        self._quiet = 0
+
+    def retrying(self, what: str, exc: BaseException, delay: float, attempt: int) -> None:
+        now = _now()
+        if now - self._last_warning < WARN_EVERY:
+            self._quiet += 1
+            log.debug("%s: %s; retrying in %.2f s (attempt %d)", what, exc, delay, attempt)
+            return
+        more = (
+            f" ({self._quiet} more retries in the last {WARN_EVERY:.0f} s)" if self._quiet else ""
+        )
+        self._last_warning, self._quiet = now, 0
+        log.warning("%s: %s; retrying in %.2f s (attempt %d)%s", what, exc, delay, attempt, more)
+
+
+_RETRY_LOG: Final = _RetryLog()
+
+
 async def retrying(
     op: Callable[[], Awaitable[T]],
     *,
@@ -98,7 +132,8 @@ async def retrying(
     transient: Callable[[BaseException], bool] = lambda exc: isinstance(exc, StoreUnavailable),
 ) -> T:
     """``await op()`` until it succeeds; transient failures are retried under ``policy``
-    (each logged as a warning naming ``what``), anything else is raised at once. When the
+    (logged through :data:`_RETRY_LOG`: a warning naming ``what`` at most every
+    ``WARN_EVERY`` seconds, the rest at debug level), anything else is raised at once. When the
     policy runs out, the last failure is raised, saying how long it was tried."""
     backoff = Backoff(policy)
     while True:
@@ -112,7 +147,5 @@ async def retrying(
                 raise backoff.exhausted(exc) from None
             if (observe := retry_observer.get()) is not None:
                 observe(exc)
-            log.warning(
-                "%s: %s; retrying in %.2f s (attempt %d)", what, exc, delay, backoff.attempts
-            )
+            _RETRY_LOG.retrying(what, exc, delay, backoff.attempts)
             await trio.sleep(delay)
