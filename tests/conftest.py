@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,43 @@ def by_name(client: EmuClient, parent: str) -> dict[str, dict[str, Any]]:
     """The account's children of ``parent`` as the server holds them, by MEGA name."""
     nodes = client.fetch()["f"]
     return {client.name_of(n): n for n in nodes if n.get("p") == parent}
+
+
+# ---------------------------------------------------------------- sd_notify
+
+
+class Listener:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.received: list[tuple[float, str]] = []
+
+    def expect(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        """The next message for which ``predicate`` holds (every one is kept)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching notification; got {self.received}")
+            self.sock.settimeout(left)
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.received.append((time.monotonic(), msg))
+            if predicate(msg):
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    lst = Listener(str(tmp_path / "notify.sock"))
+    try:
+        yield lst
+    finally:
+        lst.close()

@@ -15,16 +15,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MEGAFS, PASSPHRASE, needs_fuse
+from conftest import MEGAFS, PASSPHRASE, Listener, needs_fuse
 
 from megafs import mounthelper, sdnotify
 from megafs.config import UsageError, parse_options
@@ -395,43 +394,6 @@ def test_example_fstab_makes_mount_and_automount_units(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- sd_notify
-
-
-class Listener:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.received: list[tuple[float, str]] = []
-
-    def expect(self, predicate: Callable[[str], bool], timeout: float) -> str:
-        """The next message for which ``predicate`` holds (every one is kept)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no matching notification; got {self.received}")
-            self.sock.settimeout(left)
-            try:
-                msg = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            self.received.append((time.monotonic(), msg))
-            if predicate(msg):
-                return msg
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Listener]:
-    lst = Listener(str(tmp_path / "notify.sock"))
-    try:
-        yield lst
-    finally:
-        lst.close()
 
 
 def test_sdnotify_by_hand(monkeypatch: pytest.MonkeyPatch, listener: Listener) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from megafs import sdnotify
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.kernel_cache import invalidate
@@ -42,6 +43,7 @@ from megafs.mount import (
     _raise_read_ahead,
     check_mountpoint,
     mounted_at,
+    report_status,
 )
 from megafs.stack import lock_local_state
 from megafs.stats import hit_rate
@@ -174,9 +176,12 @@ async def serve_mega(
             await n.start(vfs.run)
             n.start_soon(_raise_read_ahead, mountpoint)
             n.start_soon(_on_signal, pyfuse3.terminate)
+            if sdnotify.enabled():  # systemd Type=notify: STATUS= with the backlog
+                n.start_soon(report_status, status)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             n.cancel_scope.cancel()
     finally:
+        sdnotify.notify("STOPPING=1")
         try:
             pyfuse3.close(unmount=mounted_at(mountpoint))
         except Exception:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MEGAFS, Mount, by_name, fuse_available, serving
+from conftest import MEGAFS, Listener, Mount, by_name, fuse_available, serving
 
 from megafs.mega import crypto
 from megafs.testing.megaemu.client import EmuClient
@@ -415,3 +415,20 @@ def test_close_does_not_wait_for_the_upload(
     top = by_name(client, client.root())
     assert set(top) == {"doc.txt"}
     assert client.download(top["doc.txt"]) == b"edited version"
+
+
+def test_systemd_hears_ready_status_and_stopping(
+    emulator: EmulatorProcess, tmp_path: Path, listener: Listener
+) -> None:
+    """A MEGA mount under systemd (Type=notify), like a volume mount: READY=1 once
+    live, STATUS= with the upload backlog, STOPPING=1 when it unmounts."""
+    m = mega_mount(emulator, tmp_path)
+    m.env["NOTIFY_SOCKET"] = listener.sock.getsockname()
+    with serving(m):
+        listener.expect(lambda msg: "READY=1" in msg.split("\n"), 30)
+        listener.expect(lambda msg: msg == "STATUS=idle", 10)
+        emulator.fault("ul", "delay", seconds=3, count=2)
+        (m.path / "report.pdf").write_bytes(os.urandom(200_000))
+        listener.expect(lambda msg: msg.startswith("STATUS=uploading 1 files"), 10)
+        listener.expect(lambda msg: msg == "STATUS=idle", 30)
+    listener.expect(lambda msg: msg == "STOPPING=1", 10)
