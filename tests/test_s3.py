@@ -192,8 +192,9 @@ def _error(status: int, code: str) -> httpx.Response:
 
 def test_requests_in_flight_are_capped_per_kind() -> None:
     """At most REQUEST_SLOTS writes are in flight (the rest wait in the store, not in
-    httpx's pool), and reads still go through while the writes are all busy."""
-    inflight = {"PUT": 0, "GET": 0}
+    httpx's pool), and reads and conditional puts (a lease renewal) still go through
+    while the writes are all busy."""
+    inflight = {"PUT": 0, "GET": 0, "HEAD": 0}
     peak = dict(inflight)
     release = trio.Event()
 
@@ -202,13 +203,14 @@ def test_requests_in_flight_are_capped_per_kind() -> None:
         inflight[kind] += 1
         peak[kind] = max(peak[kind], inflight[kind])
         try:
-            if kind == "PUT":
+            if kind == "PUT" and "/k" in request.url.path:
                 await release.wait()
             return httpx.Response(200, headers={"ETag": '"e"'}, content=b"ok")
         finally:
             inflight[kind] -= 1
 
     store = _fake_store(handler)  # type: ignore[arg-type]  # an async handler
+    store._native_if_match = store._native_if_none_match = False  # HEAD, then PUT
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -221,8 +223,10 @@ def test_requests_in_flight_are_capped_per_kind() -> None:
             assert inflight["PUT"] == REQUEST_SLOTS
             with trio.fail_after(5):
                 assert await store.get("r") == b"ok"
+                assert await store.put("lease", b"renewed", if_match="e") == "e"
+            assert inflight["PUT"] == REQUEST_SLOTS
             release.set()
-        assert peak["PUT"] == REQUEST_SLOTS
+        assert peak["PUT"] == REQUEST_SLOTS + 1  # and the lease alongside
         await store.aclose()
 
     run(main)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import builtins
 import configparser
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -74,8 +75,11 @@ UPLOAD_CONCURRENCY: Final = 32
 #: does work quadratic in its connections for every request it assigns or finishes
 #: (its idle scans), which at 48 connections and a few hundred requests a second was
 #: a third of the daemon's CPU. 16 in flight are ~800 small requests a second at 20 ms
-#: per round trip, more than one process makes.
+#: per round trip, more than one process makes. Conditional PUTs (the lease, the
+#: header) do not wait for a slot: a lease renewal must not queue behind a backlog of
+#: chunk uploads on a slow link; the write pool has URGENT_EXTRA connections for them.
 REQUEST_SLOTS: Final = 16
+URGENT_EXTRA: Final = 4
 DEFAULT_TIMEOUT: Final = 60.0
 MAX_DELETE_BATCH: Final = 1000
 # Payloads at least this large are hashed in a worker thread (hashlib drops the GIL).
@@ -271,9 +275,8 @@ class S3Store:
         self._base_path = parts.path.rstrip("/")
         self.path_style = True if path_style is None else path_style
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 15.0))
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
+        pool = max_connections + URGENT_EXTRA
+        self._limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         self._policy = policy
         self._list_page_size = list_page_size
         # [reads, writes]: a client (connection pool) each, and the slots for it.
@@ -344,8 +347,10 @@ class S3Store:
         body: bytes = b"",
         payload_hash: str = sigv4.EMPTY_SHA256,
         what: str,
+        urgent: bool = False,
     ) -> _Reply:
-        """One signed request; transport failures become :class:`StoreUnavailable`."""
+        """One signed request; transport failures become :class:`StoreUnavailable`.
+        ``urgent``: a write that does not wait for a slot (see REQUEST_SLOTS)."""
         host, path = self._target(object_name)
         qs = sigv4.canonical_query(query)
         amz_date = _amz_date()
@@ -375,8 +380,9 @@ class S3Store:
         if method in ("PUT", "POST"):
             send_headers["content-length"] = str(len(body))
         kind = 1 if method in ("PUT", "POST", "DELETE") else 0
+        slot = contextlib.nullcontext() if urgent and kind else self._slots[kind]
         try:
-            async with self._slots[kind]:
+            async with slot:
                 response = await self._http(kind).request(
                     method, url, headers=send_headers, content=body or None
                 )
@@ -549,9 +555,9 @@ class S3Store:
             return await self._put(key, data, digest, {})
         await self._probe()
         if if_none_match and self._native_if_none_match:
-            return await self._put(key, data, digest, {"if-none-match": "*"})
+            return await self._put(key, data, digest, {"if-none-match": "*"}, urgent=True)
         if if_match is not None and self._native_if_match:
-            return await self._put(key, data, digest, {"if-match": f'"{if_match}"'})
+            return await self._put(key, data, digest, {"if-match": f'"{if_match}"'}, urgent=True)
         async with self._key_lock(key):
             # Fallback: check, then write. Atomic only among this store's tasks, which
             # all take this key's lock; no await between the check and the put that
@@ -564,9 +570,11 @@ class S3Store:
                 raise PreconditionFailed(f"{self.url}: put {key!r}: the object exists")
             if if_match is not None and current != if_match:
                 raise PreconditionFailed(f"{self.url}: put {key!r}: the ETag has changed")
-            return await self._put(key, data, digest, {})
+            return await self._put(key, data, digest, {}, urgent=True)
 
-    async def _put(self, key: str, data: bytes, digest: str, extra: dict[str, str]) -> str:
+    async def _put(
+        self, key: str, data: bytes, digest: str, extra: dict[str, str], *, urgent: bool = False
+    ) -> str:
         what = f"put {key!r}"
         headers = {
             "content-type": "application/octet-stream",
@@ -582,6 +590,7 @@ class S3Store:
                 body=data,
                 payload_hash=digest,
                 what=what,
+                urgent=urgent,
             )
             if (
                 reply.status == 404

@@ -7,14 +7,20 @@ Concurrent readers of the same missing block share one fetch: the first claims t
 block in ``_inflight`` (synchronously, before its first ``await``) and the others
 wait for its event, then look again.
 
-Read-ahead: :meth:`prefetch` fetches a range in the background (bounded by
-``_prefetch_slots``) into the cache, so a streaming reader finds its next blocks
-there. The vfs decides what to prefetch.
+Read-ahead: :meth:`prefetch` fetches a range in the background into the cache, so a
+streaming reader finds its next blocks there. The vfs decides what to prefetch.
+Requests go into a FIFO queue (at most ``PREFETCH_QUEUE_MAX`` waiting) that up to
+``prefetch_tasks`` workers empty, so pieces are fetched in the order asked and
+are not dropped while the workers are busy: a dropped piece is one the reader
+later fetches itself, a round trip per FUSE read, which on a remote store with
+latency is most of a stream's time. The queue and the worker count change only in
+synchronous sections.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -25,6 +31,10 @@ from megafs.format.records import ChunkRef
 from megafs.vfs.blockcache import BlockCache
 
 log = logging.getLogger(__name__)
+
+#: Read-ahead requests waiting at most (pieces of up to 1 MiB: the vfs's read-ahead
+#: window of one stream is at most 32 of them).
+PREFETCH_QUEUE_MAX = 64
 
 
 class ContentDrive(Protocol):
@@ -45,12 +55,14 @@ def _key(ref: ChunkRef, j: int) -> bytes:
 class ChunkIO:
     """See the module docstring."""
 
-    def __init__(self, drive: ContentDrive, cache: BlockCache, *, prefetch_tasks: int = 4):
+    def __init__(self, drive: ContentDrive, cache: BlockCache, *, prefetch_tasks: int = 8):
         self.drive = drive
         self.cache = cache
         self.bs = drive.block_size
         self._inflight: dict[bytes, trio.Event] = {}
-        self._prefetch_slots = trio.Semaphore(prefetch_tasks)
+        self._prefetch_tasks = prefetch_tasks
+        self._prefetch_queue: deque[tuple[ChunkRef, int, int]] = deque()
+        self._prefetch_workers = 0
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -126,24 +138,28 @@ class ChunkIO:
 
     def prefetch(self, ref: ChunkRef, p_start: int, p_end: int) -> None:
         """Fetch ``[p_start, p_end)`` of a chunk into the cache in the background,
-        if a slot is free (read-ahead is best effort)."""
+        in order (best effort: nothing if PREFETCH_QUEUE_MAX wait already)."""
         p_end = min(p_end, ref.length)
         if self._nursery is None or p_start >= p_end:
             return
         first, stop = p_start // self.bs, -(-p_end // self.bs)
         if all(self.cache.has(_key(ref, j)) for j in (first, stop - 1)):
             return
-        try:
-            self._prefetch_slots.acquire_nowait()
-        except trio.WouldBlock:
+        if len(self._prefetch_queue) >= PREFETCH_QUEUE_MAX:
             return
-        self._nursery.start_soon(self._prefetch, ref, first, stop)
+        self._prefetch_queue.append((ref, first, stop))
+        if self._prefetch_workers < self._prefetch_tasks:
+            self._prefetch_workers += 1
+            self._nursery.start_soon(self._prefetch_worker)
 
-    async def _prefetch(self, ref: ChunkRef, first: int, stop: int) -> None:
+    async def _prefetch_worker(self) -> None:
         try:
-            await self._blocks(ref, first, stop)
-        except MegafsError as exc:
-            # The reader will hit (and report) the same error when it gets there.
-            log.debug("read-ahead failed: %s", exc)
+            while self._prefetch_queue:
+                ref, first, stop = self._prefetch_queue.popleft()
+                try:
+                    await self._blocks(ref, first, stop)
+                except MegafsError as exc:
+                    # The reader will hit (and report) the same error when it gets there.
+                    log.debug("read-ahead failed: %s", exc)
         finally:
-            self._prefetch_slots.release()
+            self._prefetch_workers -= 1

@@ -1,0 +1,78 @@
+"""Read-ahead (ChunkIO.prefetch): more requests than fetch slots wait their turn, in
+order, instead of being dropped (a dropped piece costs the reader a round trip per
+read later), and at most ``prefetch_tasks`` fetches run at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from megafs.format.records import ChunkRef
+from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkio import PREFETCH_QUEUE_MAX, ChunkIO
+
+BS = 64 * 1024
+
+
+class _SlowDrive:
+    """Blocks are their index as bytes; every fetch takes 10 ms."""
+
+    block_size = BS
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+        self.fetched: list[tuple[int, int]] = []
+
+    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
+        raise NotImplementedError
+
+    async def read_blocks(self, ref: ChunkRef, first: int, stop: int) -> list[bytes]:
+        self.fetched.append((first, stop))  # in the order started
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await trio.sleep(0.01)
+            return [bytes([j % 256]) * BS for j in range(first, stop)]
+        finally:
+            self.running -= 1
+
+
+def _io(tmp_path: Path, drive: _SlowDrive) -> ChunkIO:
+    cache = BlockCache(tmp_path, b"k" * 32, b"v" * 16, max_bytes=1 << 30, memory_bytes=0)
+    return ChunkIO(drive, cache, prefetch_tasks=4)
+
+
+def test_prefetch_requests_queue_instead_of_being_dropped(tmp_path: Path) -> None:
+    ref = ChunkRef(b"c" * 32, 4 << 20)
+
+    async def main() -> None:
+        drive = _SlowDrive()
+        io = _io(tmp_path, drive)
+        async with trio.open_nursery() as nursery:
+            io.start(nursery)
+            for piece in range(16):  # 16 pieces of 256 KiB, 4 slots
+                io.prefetch(ref, piece * 4 * BS, (piece + 1) * 4 * BS)
+        assert drive.fetched == [(4 * p, 4 * p + 4) for p in range(16)]  # all, in order
+        assert drive.peak == 4
+        # Everything is in the cache now: reading costs no fetch.
+        assert await io.read_chunk(ref, 0, 64 * BS) == b"".join(bytes([j]) * BS for j in range(64))
+        assert len(drive.fetched) == 16
+
+    trio.run(main)
+
+
+def test_prefetch_queue_is_bounded(tmp_path: Path) -> None:
+    ref = ChunkRef(b"d" * 32, 64 << 20)
+
+    async def main() -> None:
+        drive = _SlowDrive()
+        io = _io(tmp_path, drive)
+        async with trio.open_nursery() as nursery:
+            io.start(nursery)
+            for piece in range(PREFETCH_QUEUE_MAX + 10):
+                io.prefetch(ref, piece * BS, (piece + 1) * BS)
+        assert len(drive.fetched) == PREFETCH_QUEUE_MAX
+
+    trio.run(main)
