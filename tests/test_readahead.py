@@ -39,21 +39,25 @@ class _SlowDrive:
             self.running -= 1
 
 
-def _io(tmp_path: Path, drive: _SlowDrive) -> ChunkIO:
+async def _prefetch(tmp_path: Path, ref: ChunkRef, pieces: int, blocks: int) -> ChunkIO:
+    """Ask for ``pieces`` consecutive pieces of ``blocks`` blocks at once (4 fetch
+    slots) and wait until the read-ahead is done; the ChunkIO's drive is a _SlowDrive."""
     cache = BlockCache(tmp_path, b"k" * 32, b"v" * 16, max_bytes=1 << 30, memory_bytes=0)
-    return ChunkIO(drive, cache, prefetch_tasks=4)
+    io = ChunkIO(_SlowDrive(), cache, prefetch_tasks=4)
+    async with trio.open_nursery() as nursery:
+        io.start(nursery)
+        for piece in range(pieces):
+            io.prefetch(ref, piece * blocks * BS, (piece + 1) * blocks * BS)
+    return io
 
 
 def test_prefetch_requests_queue_instead_of_being_dropped(tmp_path: Path) -> None:
     ref = ChunkRef(b"c" * 32, 4 << 20)
 
     async def main() -> None:
-        drive = _SlowDrive()
-        io = _io(tmp_path, drive)
-        async with trio.open_nursery() as nursery:
-            io.start(nursery)
-            for piece in range(16):  # 16 pieces of 256 KiB, 4 slots
-                io.prefetch(ref, piece * 4 * BS, (piece + 1) * 4 * BS)
+        io = await _prefetch(tmp_path, ref, 16, 4)  # 16 pieces of 256 KiB
+        drive = io.drive
+        assert isinstance(drive, _SlowDrive)
         assert drive.fetched == [(4 * p, 4 * p + 4) for p in range(16)]  # all, in order
         assert drive.peak == 4
         # Everything is in the cache now: reading costs no fetch.
@@ -64,15 +68,9 @@ def test_prefetch_requests_queue_instead_of_being_dropped(tmp_path: Path) -> Non
 
 
 def test_prefetch_queue_is_bounded(tmp_path: Path) -> None:
-    ref = ChunkRef(b"d" * 32, 64 << 20)
-
     async def main() -> None:
-        drive = _SlowDrive()
-        io = _io(tmp_path, drive)
-        async with trio.open_nursery() as nursery:
-            io.start(nursery)
-            for piece in range(PREFETCH_QUEUE_MAX + 10):
-                io.prefetch(ref, piece * BS, (piece + 1) * BS)
-        assert len(drive.fetched) == PREFETCH_QUEUE_MAX
+        io = await _prefetch(tmp_path, ChunkRef(b"d" * 32, 64 << 20), PREFETCH_QUEUE_MAX + 10, 1)
+        assert isinstance(io.drive, _SlowDrive)
+        assert len(io.drive.fetched) == PREFETCH_QUEUE_MAX
 
     trio.run(main)
