@@ -30,7 +30,7 @@ unset AWS_PROFILE AWS_SESSION_TOKEN
 s3lat_copy_fn t_settings mf_local_settings
 s3lat_copy_fn t_version mf_local_version
 t_settings() {
-  mf_local_settings
+  mf_local_settings | sed "s| (local directory store;| (S3 store, see below;|"
   echo "store: $MF_STORE, MEGAFS_S3_ENDPOINT=$S3GW_URL (path-style), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of the gateway;"
   s3gw_settings
 }
