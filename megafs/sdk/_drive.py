@@ -42,6 +42,24 @@ SYMLINK_HOPS: Final = 40
 XATTR_CREATE: Final = getattr(os, "XATTR_CREATE", 1)
 XATTR_REPLACE: Final = getattr(os, "XATTR_REPLACE", 2)
 
+
+async def setxattr_flagged(
+    fs: Vfs | MegaVfs, ino: int, key: bytes, value: bytes, flags: int
+) -> None:
+    """``setxattr`` with ``os.XATTR_CREATE`` / ``os.XATTR_REPLACE`` checked first, as
+    the kernel and pyfuse3 do for a mount (the vfs itself ignores ``flags``)."""
+    if flags & (XATTR_CREATE | XATTR_REPLACE):
+        try:
+            await fs.getxattr(ino, key)
+        except FsError as exc:
+            if exc.errno != errno.ENODATA or flags & XATTR_REPLACE:
+                raise
+        else:
+            if flags & XATTR_CREATE:
+                raise FsError(errno.EEXIST)
+    await fs.setxattr(ino, key, value)
+
+
 #: ``progress(bytes_done, bytes_total)`` during :meth:`Drive.upload` / :meth:`Drive.download`.
 Progress = Callable[[int, int], None]
 
@@ -390,16 +408,7 @@ class Drive:
         with mapped(_display(path)):
             attr = await self._existing(path, follow=False)
             key = os.fsencode(name)
-            if flags & (XATTR_CREATE | XATTR_REPLACE):
-                try:
-                    await self._fs.getxattr(attr.ino, key)
-                except FsError as exc:
-                    if exc.errno != errno.ENODATA or flags & XATTR_REPLACE:
-                        raise
-                else:
-                    if flags & XATTR_CREATE:
-                        raise FsError(errno.EEXIST)
-            await self._fs.setxattr(attr.ino, key, bytes(value))
+            await setxattr_flagged(self._fs, attr.ino, key, bytes(value), flags)
 
     async def listxattr(self, path: PathArg) -> list[str]:
         """The names of the extended attributes set on ``path``."""

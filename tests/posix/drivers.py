@@ -32,6 +32,7 @@ from conftest import PASSPHRASE, TEST_KDF, Mount, make_volume, new_mount, servin
 
 from megafs.errors import FsError
 from megafs.mount import STATUS_XATTR, mounted_at
+from megafs.sdk._drive import setxattr_flagged
 from megafs.stores import LocalStore, MemoryStore, ObjectStore, open_store
 from megafs.vfs.fs import ROOT_INO, Ctx, Vfs
 from megafs.vfs.node import Attr
@@ -773,16 +774,7 @@ class VfsDriver(Driver):
         async def op() -> None:
             attr = await self._resolve(path)
             key = os.fsencode(name)
-            if flags & (XATTR_CREATE | XATTR_REPLACE):
-                try:
-                    await self.vfs.getxattr(attr.ino, key)
-                except FsError as exc:
-                    if exc.errno != errno.ENODATA or flags & XATTR_REPLACE:
-                        raise
-                else:
-                    if flags & XATTR_CREATE:
-                        raise FsError(errno.EEXIST)
-            await self.vfs.setxattr(attr.ino, key, value)
+            await setxattr_flagged(self.vfs, attr.ino, key, value, flags)
 
         self._run(op)
 
