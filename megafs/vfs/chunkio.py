@@ -96,13 +96,17 @@ class ChunkIO:
         while True:
             missing: list[int] = []
             waits: list[trio.Event] = []
-            for j in range(first, stop):
+            want = {_key(ref, j): j for j in range(first, stop) if j not in got}
+            for k, data in (await self.cache.get_many(list(want))).items():
+                got[want[k]] = data
+            # (get_many may have waited for a thread: another task's fetch of a block
+            # may have finished meanwhile, so memory is looked at again. From here
+            # to _fetch's claim of the missing blocks there is no await.)
+            for k, j in want.items():
                 if j in got:
                     continue
-                k = _key(ref, j)
-                b = self.cache.get(k)
-                if b is not None:
-                    got[j] = b
+                if (mem := self.cache.peek_memory(k)) is not None:
+                    got[j] = mem
                 elif (ev := self._inflight.get(k)) is not None:
                     waits.append(ev)
                 else:
@@ -126,15 +130,17 @@ class ChunkIO:
         self._inflight.update(events)
         try:
             blocks = await self.drive.read_blocks(ref, first, stop)
-            out = {}
-            for j, b in zip(range(first, stop), blocks, strict=True):
-                self.cache.put(_key(ref, j), b)
-                out[j] = b
-            return out
+            out = dict(zip(range(first, stop), blocks, strict=True))
+            items = [(_key(ref, j), b) for j, b in out.items()]
+            # In the memory cache before the waiters wake (they look there)...
+            self.cache.remember_many(items)
         finally:
             for k, ev in events.items():
                 del self._inflight[k]
                 ev.set()
+        # ... and on disk (from a worker thread) before this returns.
+        await self.cache.put_many(items)
+        return out
 
     def prefetch(self, ref: ChunkRef, p_start: int, p_end: int) -> None:
         """Fetch ``[p_start, p_end)`` of a chunk into the cache in the background,
@@ -143,8 +149,8 @@ class ChunkIO:
         if self._nursery is None or p_start >= p_end:
             return
         first, stop = p_start // self.bs, -(-p_end // self.bs)
-        if all(self.cache.has(_key(ref, j)) for j in (first, stop - 1)):
-            return
+        if all(self.cache.in_memory(_key(ref, j)) for j in (first, stop - 1)):
+            return  # (blocks only on disk are worth it: they are read in a thread)
         if len(self._prefetch_queue) >= PREFETCH_QUEUE_MAX:
             return
         self._prefetch_queue.append((ref, first, stop))
