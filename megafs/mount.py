@@ -43,6 +43,7 @@ from megafs.stats import RATE_WINDOW, ErrorLog, hit_rate
 from megafs.stores.staging import StagingStore
 from megafs.stores.tracked import TrackedStore, track_store
 from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkcache import ChunkCache
 from megafs.vfs.fs import Vfs
 from megafs.volume.lease import Lease
 from megafs.volume.maintenance import Secret
@@ -295,7 +296,7 @@ class _StatusView:
         self,
         vfs: Vfs,
         staging: StagingStore | None,
-        cache: BlockCache,
+        cache: BlockCache | ChunkCache,
         lease: Lease | None = None,
         store: TrackedStore | None = None,
     ) -> None:

@@ -20,7 +20,9 @@ Nothing here imports pyfuse3: programs use the SDK without FUSE.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from megafs.errors import MegafsError
 from megafs.stores import LocalStore, ObjectStore, open_store
 from megafs.stores.staging import StagingStore
 from megafs.testing.slow import SlowStore
-from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkcache import ChunkCache
 from megafs.vfs.fs import Vfs
 from megafs.volume.drive import Volume
 from megafs.volume.lease import Lease
@@ -100,7 +102,7 @@ class VolumeStack:
     store: ObjectStore
     volume: Volume
     vfs: Vfs
-    cache: BlockCache
+    cache: ChunkCache
     staging: StagingStore | None
     lease: Lease | None
     lock: int | None
@@ -124,10 +126,14 @@ async def open_stack(store_url: str, secret: Secret, opts: MountOptions) -> Volu
             lock = lock_local_state(local)
             lease = Lease(store, volume.keys)
             await lease.acquire()
-        cache = BlockCache(
-            local / "blocks",
+        if (local / "blocks").is_dir():  # the cache of earlier versions (a file per block)
+            await trio.to_thread.run_sync(
+                functools.partial(shutil.rmtree, local / "blocks", ignore_errors=True)
+            )
+        cache = ChunkCache(
+            local / "chunks",
             volume.keys.cache,
-            volume.volume_id,
+            volume.open_blocks,
             max_bytes=opts.cache_max_bytes(local),
         )
         staging = None

@@ -23,7 +23,7 @@ from megafs.mount import mounted_at
 from megafs.stores import MemoryStore
 from megafs.stores.staging import StagingStore
 from megafs.testing import FaultyStore
-from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkcache import ChunkCache
 from megafs.vfs.fs import Ctx, Vfs
 from megafs.volume.check import check_volume
 from megafs.volume.drive import ROOT_INO, Volume
@@ -41,26 +41,25 @@ def _data(seed: str, size: int) -> bytes:
 @needs_fuse
 def test_damaged_cache_files_are_dropped_and_refetched(tmp_path: Path) -> None:
     m = new_mount(tmp_path)
-    data = _data("cached", 6 * MiB + 12345)
+    data = _data("cached", 18 * MiB + 12345)  # 5 chunks: a cache file each
     m.start()
     try:
         (m.path / "f").write_bytes(data)
         m.restart()
         assert cold_read(m.path / "f") == data
         m.stop()
-        blocks = sorted(p for p in m.cache.glob("*/blocks/*/*") if p.is_file())
-        assert len(blocks) >= 6 * MiB // (64 << 10), "reading did not fill the block cache"
-        # Swap two files, truncate some, flip a byte in all others.
-        a, b = blocks[0].read_bytes(), blocks[1].read_bytes()
-        blocks[0].write_bytes(b)
-        blocks[1].write_bytes(a)
-        for i, p in enumerate(blocks[2:]):
-            raw = bytearray(p.read_bytes())
-            if i % 5 == 0:
-                del raw[len(raw) // 2 :]
-            else:
-                raw[(i * 7919) % len(raw)] ^= 0x40
-            p.write_bytes(bytes(raw))
+        files = sorted(p for p in m.cache.glob("*/chunks/*/*") if p.is_file())
+        assert len(files) == 5, "reading did not fill the chunk cache"
+        # Swap two files, truncate one, flip a byte in a header and in a block.
+        a, b = files[0].read_bytes(), files[1].read_bytes()
+        files[0].write_bytes(b)
+        files[1].write_bytes(a)
+        raw = files[2].read_bytes()
+        files[2].write_bytes(raw[: len(raw) // 2])
+        for p, at in ((files[3], 5), (files[4], 64 + 100_000)):
+            flipped = bytearray(p.read_bytes())
+            flipped[at] ^= 0x40
+            p.write_bytes(bytes(flipped))
         m.start()
         assert cold_read(m.path / "f") == data
         m.restart()  # the refetched blocks were cached again, intact
@@ -69,7 +68,8 @@ def test_damaged_cache_files_are_dropped_and_refetched(tmp_path: Path) -> None:
         m.stop()
     log = m.log_text()
     dropped = [ln for ln in log.splitlines() if " WARNING " in ln and "block cache" in ln]
-    assert len(dropped) >= len(blocks) - 2, log
+    # (the flipped header byte only marks a block absent that is there: refetched)
+    assert len(dropped) >= 4, log
     m.assert_clean_log()
 
 
@@ -298,7 +298,9 @@ def test_stalled_store_does_not_block_cached_reads_or_staged_writes(tmp_path: Pa
         local = tmp_path / volume.volume_id.hex()
         staging = StagingStore(faulty, local / "staging", is_barrier=_is_barrier)
         volume.store = staging
-        cache = BlockCache(local / "blocks", volume.keys.cache, volume.volume_id, max_bytes=1 << 30)
+        cache = ChunkCache(
+            local / "chunks", volume.keys.cache, volume.open_blocks, max_bytes=1 << 30
+        )
         vfs = Vfs(volume, commit_interval=0.2, block_cache=cache, writeback=staging)
         await vfs.start()
         async with trio.open_nursery() as nursery:

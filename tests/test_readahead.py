@@ -8,8 +8,9 @@ from pathlib import Path
 
 import trio
 
+from megafs.format.chunks import SEALED_BLOCK_SIZE as SBS
 from megafs.format.records import ChunkRef
-from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkcache import ChunkCache
 from megafs.vfs.chunkio import PREFETCH_QUEUE_MAX, ChunkIO
 
 BS = 64 * 1024
@@ -28,22 +29,26 @@ class _SlowDrive:
     async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
         raise NotImplementedError
 
-    async def read_blocks(self, ref: ChunkRef, first: int, stop: int) -> list[bytes]:
+    async def fetch_sealed(self, ref: ChunkRef, first: int, stop: int) -> bytes:
         self.fetched.append((first, stop))  # in the order started
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
             await trio.sleep(0.01)
-            return [bytes([j % 256]) * BS for j in range(first, stop)]
+            return b"".join(bytes([j % 256]) * SBS for j in range(first, stop))
         finally:
             self.running -= 1
+
+    def open_blocks(self, ref: ChunkRef, first: int, sealed: bytes) -> list[bytes]:
+        return [sealed[i : i + BS] for i in range(0, len(sealed), SBS)]
 
 
 async def _prefetch(tmp_path: Path, ref: ChunkRef, pieces: int, blocks: int) -> ChunkIO:
     """Ask for ``pieces`` consecutive pieces of ``blocks`` blocks at once (4 fetch
     slots) and wait until the read-ahead is done; the ChunkIO's drive is a _SlowDrive."""
-    cache = BlockCache(tmp_path, b"k" * 32, b"v" * 16, max_bytes=1 << 30, memory_bytes=0)
-    io = ChunkIO(_SlowDrive(), cache, prefetch_tasks=4)
+    drive = _SlowDrive()
+    cache = ChunkCache(tmp_path, b"k" * 32, drive.open_blocks, max_bytes=1 << 30, memory_bytes=0)
+    io = ChunkIO(drive, cache, prefetch_tasks=4)
     async with trio.open_nursery() as nursery:
         io.start(nursery)
         for piece in range(pieces):

@@ -106,6 +106,18 @@ def open_blocks(
 ) -> bytes:
     """Open consecutive sealed blocks starting at block ``first`` of a chunk whose
     plaintext is ``length`` bytes long; returns their plaintext."""
+    return b"".join(open_block_list(aead, volume_id, cid, length, first, sealed))
+
+
+def open_block_list(
+    aead: AESGCM,
+    volume_id: bytes,
+    cid: bytes,
+    length: int,
+    first: int,
+    sealed: bytes,
+) -> list[bytes]:
+    """:func:`open_blocks`, one ``bytes`` per block."""
     key = chunk_key(cid)
     n = block_count(length)
     out = []
@@ -123,7 +135,7 @@ def open_blocks(
         out.append(open_sealed(aead, unit, ad, f"chunk {key} block {j}"))
         pos += len(unit)
         j += 1
-    return b"".join(out)
+    return out
 
 
 def verify_chunk(aead: AESGCM, volume_id: bytes, cid: bytes, length: int, sealed: bytes) -> bytes:

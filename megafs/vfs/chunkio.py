@@ -1,8 +1,8 @@
-"""Chunk reads and writes for the vfs, through the block cache.
+"""Chunk reads and writes for the vfs, through the chunk cache.
 
 :class:`ChunkIO` sits between file content (:mod:`megafs.vfs.content`) and the
-drive. Reads are served block by block from the :class:`~megafs.vfs.blockcache.
-BlockCache`; missing runs of blocks are fetched with one ranged request each.
+drive. Reads are served block by block from the :class:`~megafs.vfs.chunkcache.
+ChunkCache`; missing runs of blocks are fetched with one ranged request each.
 Concurrent readers of the same missing block share one fetch: the first claims the
 block in ``_inflight`` (synchronously, before its first ``await``) and the others
 wait for its event, then look again.
@@ -28,7 +28,7 @@ import trio
 
 from megafs.errors import MegafsError
 from megafs.format.records import ChunkRef
-from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkcache import ChunkCache
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,18 @@ class ContentDrive(Protocol):
 
     async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef: ...
 
-    async def read_blocks(self, ref: ChunkRef, first: int, stop: int) -> list[bytes]: ...
+    async def fetch_sealed(self, ref: ChunkRef, first: int, stop: int) -> bytes: ...
+
+    def open_blocks(self, ref: ChunkRef, first: int, sealed: bytes) -> list[bytes]: ...
 
 
-def _key(ref: ChunkRef, j: int) -> bytes:
-    return ref.cid + j.to_bytes(4, "big")
+_key = ChunkCache.key
 
 
 class ChunkIO:
     """See the module docstring."""
 
-    def __init__(self, drive: ContentDrive, cache: BlockCache, *, prefetch_tasks: int = 8):
+    def __init__(self, drive: ContentDrive, cache: ChunkCache, *, prefetch_tasks: int = 8):
         self.drive = drive
         self.cache = cache
         self.bs = drive.block_size
@@ -96,18 +97,19 @@ class ChunkIO:
         while True:
             missing: list[int] = []
             waits: list[trio.Event] = []
-            want = {_key(ref, j): j for j in range(first, stop) if j not in got}
-            for k, data in (await self.cache.get_many(list(want))).items():
-                got[want[k]] = data
+            todo = [j for j in range(first, stop) if j not in got]
+            if not todo:
+                return [got[j] for j in range(first, stop)]
+            got.update(await self.cache.get_many(ref, todo[0], todo[-1] + 1))
             # (get_many may have waited for a thread: another task's fetch of a block
             # may have finished meanwhile, so memory is looked at again. From here
             # to _fetch's claim of the missing blocks there is no await.)
-            for k, j in want.items():
+            for j in range(first, stop):
                 if j in got:
                     continue
-                if (mem := self.cache.peek_memory(k)) is not None:
+                if (mem := self.cache.peek_memory(ref, j)) is not None:
                     got[j] = mem
-                elif (ev := self._inflight.get(k)) is not None:
+                elif (ev := self._inflight.get(_key(ref, j))) is not None:
                     waits.append(ev)
                 else:
                     missing.append(j)
@@ -129,18 +131,15 @@ class ChunkIO:
         events = {k: trio.Event() for k in keys if k not in self._inflight}
         self._inflight.update(events)
         try:
-            blocks = await self.drive.read_blocks(ref, first, stop)
-            out = dict(zip(range(first, stop), blocks, strict=True))
-            items = [(_key(ref, j), b) for j, b in out.items()]
-            # In the memory cache before the waiters wake (they look there)...
-            self.cache.remember_many(items)
+            sealed = await self.drive.fetch_sealed(ref, first, stop)
+            # Opened (authenticated), in the memory cache and written to the disk
+            # cache before the waiters wake.
+            blocks = await self.cache.fill(ref, first, sealed)
         finally:
             for k, ev in events.items():
                 del self._inflight[k]
                 ev.set()
-        # ... and on disk (from a worker thread) before this returns.
-        await self.cache.put_many(items)
-        return out
+        return dict(enumerate(blocks, first))
 
     def prefetch(self, ref: ChunkRef, p_start: int, p_end: int) -> None:
         """Fetch ``[p_start, p_end)`` of a chunk into the cache in the background,
@@ -149,7 +148,7 @@ class ChunkIO:
         if self._nursery is None or p_start >= p_end:
             return
         first, stop = p_start // self.bs, -(-p_end // self.bs)
-        if all(self.cache.in_memory(_key(ref, j)) for j in (first, stop - 1)):
+        if all(self.cache.in_memory(ref, j) for j in (first, stop - 1)):
             return  # (blocks only on disk are worth it: they are read in a thread)
         if len(self._prefetch_queue) >= PREFETCH_QUEUE_MAX:
             return

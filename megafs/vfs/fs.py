@@ -40,7 +40,7 @@ from megafs.errors import FsError, IntegrityError, MegafsError
 from megafs.format.chunks import chunk_id_of, chunk_key
 from megafs.format.records import NAME_MAX, Record
 from megafs.vfs import content
-from megafs.vfs.blockcache import BlockCache
+from megafs.vfs.chunkcache import ChunkCache
 from megafs.vfs.chunkio import ChunkIO
 from megafs.vfs.node import Attr, Node
 from megafs.volume.drive import ROOT_INO, SealedObject, Volume
@@ -134,17 +134,17 @@ class Vfs:
         read_only: bool = False,
         commit_interval: float = 1.0,
         space: Callable[[], tuple[int, int]] | None = None,
-        block_cache: BlockCache | None = None,
+        block_cache: ChunkCache | None = None,
         writeback: WriteBack | None = None,
         fsync_remote: bool = False,
         dir_cache_time: float = 0.0,
     ) -> None:
         self.volume = volume
         if block_cache is None:
-            block_cache = BlockCache(
+            block_cache = ChunkCache(
                 None,
                 volume.keys.cache,
-                volume.volume_id,
+                volume.open_blocks,
                 max_bytes=0,
                 memory_bytes=MEMORY_CACHE_BYTES,
             )

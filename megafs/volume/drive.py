@@ -315,6 +315,14 @@ class Volume:
     async def read_blocks(self, ref: frec.ChunkRef, first: int, stop: int) -> list[bytes]:
         """Plaintext of sub-blocks ``[first, stop)`` of a chunk, fetched with one
         ranged GET and each authenticated on its own."""
+        sealed = await self.fetch_sealed(ref, first, stop)
+        if len(sealed) <= INLINE_CRYPTO_MAX:
+            return self.open_blocks(ref, first, sealed)
+        return await trio.to_thread.run_sync(self.open_blocks, ref, first, sealed)
+
+    async def fetch_sealed(self, ref: frec.ChunkRef, first: int, stop: int) -> bytes:
+        """The sealed bytes of sub-blocks ``[first, stop)`` of a chunk (one ranged
+        GET), checked for length only: :meth:`open_blocks` authenticates them."""
         key = fchunks.chunk_key(ref.cid)
         c_start = first * fchunks.SEALED_BLOCK_SIZE
         total = fchunks.sealed_size(ref.length)
@@ -331,13 +339,15 @@ class Volume:
             raise IntegrityError(
                 f"chunk {key}: truncated (got {len(sealed)} of {c_end - c_start} bytes)"
             )
-        args = (self._content, self.volume_id, ref.cid, ref.length, first, sealed)
-        if len(sealed) <= INLINE_CRYPTO_MAX:
-            plain = fchunks.open_blocks(*args)
-        else:
-            plain = await trio.to_thread.run_sync(fchunks.open_blocks, *args)
-        bs = fchunks.BLOCK_SIZE
-        return [plain[i : i + bs] for i in range(0, len(plain), bs)]
+        return sealed
+
+    def open_blocks(self, ref: frec.ChunkRef, first: int, sealed: bytes) -> list[bytes]:
+        """Authenticate and open sealed sub-blocks ``first...`` of a chunk: their
+        plaintext, one ``bytes`` per block (IntegrityError if any fails). Safe to
+        call from worker threads."""
+        return fchunks.open_block_list(
+            self._content, self.volume_id, ref.cid, ref.length, first, sealed
+        )
 
     async def aclose(self) -> None:
         self.save_state()
