@@ -312,9 +312,7 @@ def test_stalled_store_does_not_block_cached_reads_or_staged_writes(tmp_path: Pa
             await vfs.fsync(fh)
             await vfs.release(fh)
             await staging.wait_idle()
-            fh = await vfs.open(attr.ino, os.O_RDONLY)
-            assert await vfs.read(fh, 0, len(data) + 1) == data  # now cached
-            await vfs.release(fh)
+            # (never read: what was written is in the chunk cache already)
 
             faulty.delay = 3600  # the store stops answering
             with trio.fail_after(2):

@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -315,6 +316,8 @@ def test_missing_chunk_gives_eio_for_that_file_only(tmp_path: Path) -> None:
         gone = max(victim_chunks, key=lambda p: p.stat().st_size)
         gone.unlink()
         key = "/".join(gone.relative_to(m.store).parts)
+        for cached in m.cache.glob("*/chunks"):  # (written chunks are cached too)
+            shutil.rmtree(cached)
         m.start()
 
         with pytest.raises(OSError) as exc_info:

@@ -27,7 +27,7 @@ from blake3 import blake3
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from megafs.errors import IntegrityError
-from megafs.format.seal import KIND_CHUNK, OVERHEAD, context, open_sealed, seal
+from megafs.format.seal import KIND_CHUNK, OVERHEAD, context, open_sealed, seal_many
 
 CHUNK_SIZE: Final = 4 * 1024 * 1024
 BLOCK_SIZE: Final = 64 * 1024
@@ -77,11 +77,8 @@ def seal_chunk(
     key = chunk_key(cid)
     view = memoryview(plaintext)
     n = block_count(len(view))
-    parts = []
-    for j in range(n):
-        ad = context(KIND_CHUNK, volume_id, key, j, last=j == n - 1)
-        parts.append(seal(aead, view[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE], ad))
-    return b"".join(parts)
+    ads = [context(KIND_CHUNK, volume_id, key, j, last=j == n - 1) for j in range(n)]
+    return seal_many(aead, view, BLOCK_SIZE, ads)
 
 
 def block_range(p_start: int, p_end: int, length: int) -> tuple[int, int, int, int]:

@@ -69,6 +69,26 @@ def _seal_with_nonce(
     return nonce + aead.encrypt(nonce, bytes(plaintext), ad)
 
 
+def seal_many(aead: AESGCM, plaintext: memoryview, unit: int, ads: list[bytes]) -> bytes:
+    """Seal ``plaintext`` in consecutive units of ``unit`` bytes (the last may be
+    shorter), unit ``j`` with associated data ``ads[j]`` and a fresh random nonce:
+    the concatenation of what :func:`seal` gives for each, built in one buffer
+    (no per-unit copies; one system call for all the nonces)."""
+    n = len(ads)
+    out = bytearray(len(plaintext) + n * OVERHEAD)
+    dst = memoryview(out)
+    nonces = secrets.token_bytes(NONCE_SIZE * n)
+    pos = 0
+    for j in range(n):
+        piece = plaintext[j * unit : (j + 1) * unit]
+        nonce = nonces[j * NONCE_SIZE : (j + 1) * NONCE_SIZE]
+        dst[pos : pos + NONCE_SIZE] = nonce
+        pos += NONCE_SIZE
+        aead.encrypt_into(nonce, piece, ads[j], dst[pos : pos + len(piece) + TAG_SIZE])
+        pos += len(piece) + TAG_SIZE
+    return bytes(out)
+
+
 def open_sealed(key: bytes | AESGCM, sealed: bytes | memoryview, ad: bytes, what: str) -> bytes:
     """Open a sealed unit; raise :class:`IntegrityError` naming ``what`` on failure."""
     if len(sealed) < OVERHEAD:
@@ -76,6 +96,6 @@ def open_sealed(key: bytes | AESGCM, sealed: bytes | memoryview, ad: bytes, what
     aead = key if isinstance(key, AESGCM) else AESGCM(key)
     view = memoryview(sealed)
     try:
-        return aead.decrypt(bytes(view[:NONCE_SIZE]), bytes(view[NONCE_SIZE:]), ad)
+        return aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], ad)
     except InvalidTag:
         raise IntegrityError(f"{what}: authentication failed") from None

@@ -300,26 +300,55 @@ class ChunkCache:
         """Blocks ``first...`` of ``ref`` as fetched from the store (sealed): open
         them (IntegrityError if they do not authenticate: nothing is cached then),
         keep them in memory and on disk; return their plaintext, one per block."""
-        n = -(-len(sealed) // SBS)
-        name = self._name(ref.cid) if self.directory is not None else ""
-        disk = bool(name) and SBS * n <= self.max_bytes
-        if disk and self._index.get(name, 0) & _bits(first, n) == _bits(first, n):
-            disk = False  # (already there)
+        name = self._wants(ref, first, sealed)
         cuts = self._cuts
 
         def work() -> tuple[list[bytes], OSError | None]:
             blocks = self._open(ref, first, sealed)
-            return blocks, (self._write(name, first, sealed) if disk else None)
+            return blocks, (self._write(name, first, sealed) if name else None)
 
         if len(sealed) <= INLINE_MAX:
             blocks, error = work()
         else:
             blocks, error = await trio.to_thread.run_sync(work)
         self._remember(ref, first, blocks)
-        if not disk:
-            return blocks
+        if name:
+            self._written(name, first, sealed, error, cuts)
+        return blocks
+
+    async def put_sealed(self, ref: ChunkRef, sealed: bytes) -> None:
+        """A whole chunk just written (sealed as it goes to the store): on disk, so
+        reading it back does not wait for the store. Not opened, not in memory (the
+        kernel's page cache holds what was just written)."""
+        name = self._wants(ref, 0, sealed)
+        if not name:
+            return
+        cuts = self._cuts
+        if len(sealed) <= INLINE_MAX:
+            error = self._write(name, 0, sealed)
+        else:
+            error = await trio.to_thread.run_sync(self._write, name, 0, sealed)
+        self._written(name, 0, sealed, error, cuts)
+
+    def _wants(self, ref: ChunkRef, first: int, sealed: bytes) -> str:
+        """The file name to write blocks ``first...`` of ``ref`` to, or "" if they
+        are not to be written (no disk, larger than the cap, already there)."""
+        if self.directory is None:
+            return ""
+        n = -(-len(sealed) // SBS)
+        name = self._name(ref.cid)
+        if SBS * n > self.max_bytes or self._index.get(name, 0) & _bits(first, n) == _bits(
+            first, n
+        ):
+            return ""
+        return name
+
+    def _written(
+        self, name: str, first: int, sealed: bytes, error: OSError | None, cuts: int
+    ) -> None:
+        """Record the outcome of a :meth:`_write` started when ``_cuts`` was ``cuts``."""
         if error is None:
-            self._present(name, _bits(first, n))
+            self._present(name, _bits(first, -(-len(sealed) // SBS)))
         elif error.errno in (errno.ENOSPC, errno.EDQUOT):
             # Writes in flight at the same time all fail when the disk fills: only
             # the first to come back cuts the cap (one cut each would leave nothing).
@@ -330,7 +359,6 @@ class ChunkCache:
         else:
             # A failing cache disk costs speed, never correctness.
             log.warning("block cache: cannot write %s: %s", error.filename, error.strerror)
-        return blocks
 
     def _write(self, name: str, first: int, sealed: bytes) -> OSError | None:
         """Write sealed blocks ``first...`` into the file ``name`` and mark them

@@ -43,7 +43,7 @@ class ContentDrive(Protocol):
     @property
     def block_size(self) -> int: ...
 
-    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef: ...
+    async def store_chunk(self, plaintext: bytes | bytearray) -> tuple[ChunkRef, bytes | None]: ...
 
     async def fetch_sealed(self, ref: ChunkRef, first: int, stop: int) -> bytes: ...
 
@@ -71,8 +71,12 @@ class ChunkIO:
         self._nursery = nursery
 
     async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
-        # Not cached: the kernel's page cache holds what was just written.
-        return await self.drive.write_chunk(plaintext)
+        """Store a chunk; its sealed blocks go into the disk cache too, so a read
+        after the kernel dropped its pages does not wait for the store."""
+        ref, sealed = await self.drive.store_chunk(plaintext)
+        if sealed is not None:
+            await self.cache.put_sealed(ref, sealed)
+        return ref
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
         """Run ``fn(*args)`` in the background; False if there is no nursery yet."""
