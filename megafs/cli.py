@@ -651,10 +651,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"{result.garbage_bytes} bytes ({mib:.1f} MiB)"
         )
     else:
+        deleted_mib = result.deleted_bytes / 2**20
         print(
-            f"deleted {result.deleted} unreferenced chunks, "
-            f"{result.deleted_bytes} bytes ({mib:.1f} MiB)"
+            f"deleted {result.deleted - len(result.scratch)} unreferenced chunks"
+            + (
+                f" and {len(result.scratch)} scratch objects of interrupted uploads"
+                if result.scratch
+                else ""
+            )
+            + f", {result.deleted_bytes} bytes ({deleted_mib:.1f} MiB)"
         )
+    if args.dry_run and result.scratch:
+        print(f"would delete {len(result.scratch)} scratch objects of interrupted uploads")
     if result.young:
         print(f"kept {result.young} unreferenced chunks younger than {args.grace:g} s")
     if result.kept_metadata or result.unknown:

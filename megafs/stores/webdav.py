@@ -22,6 +22,7 @@ it reads and retries or fails with EIO, never returns wrong bytes.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -645,11 +646,22 @@ class WebDavStore:
         return [e for e in entries if e.path != me]
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return await self._walk(prefix, scratch=False)
+
+    async def list_scratch(self) -> builtins.list[ObjectInfo]:
+        """The scratch objects (``.megafs-*``) that uploads cut off before their MOVE
+        left behind (:meth:`_put_via_scratch`), for ``megafs gc`` to delete while it
+        holds the volume's lease (no upload can be using one then)."""
+        return await self._walk("", scratch=True)
+
+    async def _walk(self, prefix: str, *, scratch: bool) -> builtins.list[ObjectInfo]:
+        """The objects under ``prefix``: the volume's (``scratch`` False) or only the
+        scratch objects (True)."""
         base_dec = unquote(self._base_path)
 
         async def op() -> list[ObjectInfo]:
             await self._check_base()
-            found: list[ObjectInfo] = []
+            found: builtins.list[ObjectInfo] = []
             # Start at the deepest collection the prefix names fully.
             start_dir = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
             todo = [self._base_path + quote(start_dir, safe="/")]
@@ -664,7 +676,8 @@ class WebDavStore:
                         if relc.startswith(prefix) or prefix.startswith(relc):
                             todo.append(self._base_path + quote(relc, safe="/"))
                         continue
-                    if rel.startswith(prefix) and not posixpath.basename(rel).startswith(_SCRATCH):
+                    is_scratch = posixpath.basename(rel).startswith(_SCRATCH)
+                    if rel.startswith(prefix) and is_scratch == scratch:
                         found.append(ObjectInfo(key=rel, size=entry.size, etag=entry.etag))
             found.sort(key=lambda i: i.key)
             return found

@@ -195,11 +195,6 @@ class ChunkCache:
         )
         return True
 
-    def clear(self) -> None:
-        self._memory.clear()
-        for name in list(self._index):
-            self._drop(name)
-
     # ---------------------------------------------------------------- lookups
 
     @staticmethod
@@ -213,14 +208,6 @@ class ChunkCache:
 
     def in_memory(self, ref: ChunkRef, j: int) -> bool:
         return self.key(ref, j) in self._memory
-
-    def has(self, ref: ChunkRef, j: int) -> bool:
-        """Whether block ``j`` is cached (no read, no statistics, no LRU update)."""
-        if self.key(ref, j) in self._memory:
-            return True
-        if self.directory is None:
-            return False
-        return bool(self._index.get(self._name(ref.cid), 0) >> j & 1)
 
     def _remember(self, ref: ChunkRef, first: int, blocks: list[bytes]) -> None:
         for j, data in enumerate(blocks, first):

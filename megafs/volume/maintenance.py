@@ -281,6 +281,9 @@ class GcResult:
     young: int = 0  # unreferenced chunks kept: younger than the grace period
     kept_metadata: int = 0  # unreferenced directory/inode objects (kept)
     unknown: list[str] = field(default_factory=list)  # keys megafs does not know (kept)
+    # Scratch objects of cut-off uploads (WebDAV servers that write PUT bodies in
+    # place): deleted with the garbage, counted apart.
+    scratch: list[ObjectInfo] = field(default_factory=list)
     deleted: int = 0
     deleted_bytes: int = 0
 
@@ -413,8 +416,15 @@ async def _gc(
             result.kept_metadata += 1
         else:
             result.unknown.append(key)
-    if not dry_run and result.garbage:
-        await _delete(store, [o.key for o in result.garbage], lease, on_delete)
-        result.deleted = len(result.garbage)
-        result.deleted_bytes = result.garbage_bytes
+    list_scratch: Callable[[], Awaitable[list[ObjectInfo]]] | None = getattr(
+        store, "list_scratch", None
+    )
+    if list_scratch is not None:
+        # Safe to delete: the lease is ours, so no upload is between its PUT and MOVE.
+        result.scratch = await list_scratch()
+    doomed = result.garbage + result.scratch
+    if not dry_run and doomed:
+        await _delete(store, [o.key for o in doomed], lease, on_delete)
+        result.deleted = len(doomed)
+        result.deleted_bytes = sum(o.size for o in doomed)
     return result
