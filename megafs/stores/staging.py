@@ -182,8 +182,13 @@ class StagingStore:
         max_pending_bytes: int = 1 << 30,
         concurrency: int = 32,
         on_full: Callable[[], bool] | None = None,
+        on_uploaded: Callable[[str, Path, int, int], bool] | None = None,
     ) -> None:
         self.remote = remote
+        # Called (on the event loop's thread) with (key, staged file, offset and size
+        # of the data in it) when an immutable object is on the remote store: True if
+        # it took the file (e.g. a cache renamed it into itself), else it is deleted.
+        self._on_uploaded = on_uploaded
         self.directory = directory
         self._is_barrier = is_barrier
         # Called when the disk is full: frees space if it can (e.g. evicts a cache
@@ -489,11 +494,19 @@ class StagingStore:
             self.pending_bytes -= e.size
             if self._entries.get(e.key) is e:
                 del self._entries[e.key]
-            await trio.to_thread.run_sync(lambda: e.path.unlink(missing_ok=True))
+            if not self._adopted(e):
+                await trio.to_thread.run_sync(lambda: e.path.unlink(missing_ok=True))
         finally:
             in_flight.discard(e.seq)
             limit.release()
             self._changed.set()
+
+    def _adopted(self, e: _Entry) -> bool:
+        """Whether ``on_uploaded`` took the file of an uploaded immutable object."""
+        if self._on_uploaded is None or e.delete or self._is_barrier(e.key):
+            return False
+        offset = _HEAD.size + len(e.key.encode()) + 8
+        return self._on_uploaded(e.key, e.path, offset, e.size)
 
     def _failed(self, exc: StoreError, delay: float) -> None:
         """Note a failed upload: one warning when uploads start failing, the retries

@@ -12,7 +12,11 @@ fetched are holes. So:
   truncated or swapped file fails the check, is deleted with a warning and the
   blocks are refetched; a damaged cache never serves wrong bytes;
 - a chunk read in order is one file read in order (the kernel's read-ahead on the
-  cache's disk works), not 64 small files.
+  cache's disk works), not 64 small files;
+- a chunk written here costs no second copy: once uploaded, its staged file (see
+  :mod:`megafs.stores.staging`: a header, the sealed object, a checksum) is renamed
+  into the cache as it is (:meth:`ChunkCache.adopt`), a whole chunk whose data
+  starts after the staging header instead of :data:`HEADER`.
 
 File names are a keyed hash of the chunk id. The cap (``max_bytes``) holds on every
 insert: whole chunk files are evicted, least recently used first. Only clean data
@@ -39,6 +43,7 @@ import hashlib
 import hmac
 import logging
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +80,22 @@ def _size(mask: int) -> int:
 
 def _sealed_end(ref: ChunkRef, stop: int) -> int:
     return min(stop * SBS, fchunks.sealed_size(ref.length))
+
+
+def _staged_layout(head: bytes) -> tuple[int, int] | None:
+    """(data offset, presence mask) of a cache file that is an adopted staged file
+    (:mod:`megafs.stores.staging`'s layout: magic, b"P", u16 key length, key, u64 data
+    length, data, checksum), or None if it is not one."""
+    if len(head) < 7 or head[:4] not in (b"MFS2", b"MFS1") or head[4:5] != b"P":
+        return None
+    (klen,) = struct.unpack_from(">H", head, 5)
+    if 7 + klen + 8 > len(head):
+        return None
+    (dlen,) = struct.unpack_from(">Q", head, 7 + klen)
+    n = -(-dlen // SBS)
+    if not 0 < n <= HEADER:
+        return None
+    return 7 + klen + 8, _bits(0, n)
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
@@ -117,6 +138,7 @@ class ChunkCache:
         ).digest()
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._index: OrderedDict[str, int] = OrderedDict()
+        self._offset: dict[str, int] = {}  # where the data starts, if not at HEADER
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -136,13 +158,19 @@ class ChunkCache:
             for f in sub.iterdir():
                 try:
                     with open(f, "rb") as fh:
-                        head = fh.read(HEADER)
+                        head = fh.read(512)  # (an adopted staged file: its header is longer)
                         mtime = os.fstat(fh.fileno()).st_mtime
                 except OSError:
                     continue
-                mask = sum(1 << j for j, b in enumerate(head) if b)
+                adopted = _staged_layout(head)
+                if adopted is not None:
+                    offset, mask = adopted
+                    self._offset[f.name] = offset
+                else:
+                    mask = sum(1 << j for j, b in enumerate(head[:HEADER]) if b)
                 if len(head) < HEADER or not mask:
                     f.unlink(missing_ok=True)
+                    self._offset.pop(f.name, None)
                     continue
                 found.append((mtime, f.name, mask))
         for _, name, mask in sorted(found):
@@ -170,6 +198,7 @@ class ChunkCache:
         self._evict()
 
     def _drop(self, name: str) -> None:
+        self._offset.pop(name, None)
         mask = self._index.pop(name, None)
         if mask is not None:
             self.bytes -= _size(mask)
@@ -237,10 +266,11 @@ class ChunkCache:
         runs = _runs(on_disk)
         path = self._path(name)
         result: list[tuple[int, list[bytes]]] | _Unreadable
+        offset = self._offset.get(name, HEADER)
         if len(runs) == 1 and _sealed_end(ref, runs[0][1]) - runs[0][0] * SBS <= INLINE_MAX:
-            result = self._read(path, ref, runs)
+            result = self._read(path, ref, runs, offset)
         else:
-            result = await trio.to_thread.run_sync(self._read, path, ref, runs)
+            result = await trio.to_thread.run_sync(self._read, path, ref, runs, offset)
         if isinstance(result, _Unreadable):
             if not result.gone:
                 log.warning("block cache: dropping unreadable %s (%s); refetching", path, result)
@@ -256,7 +286,7 @@ class ChunkCache:
         return out
 
     def _read(
-        self, path: Path, ref: ChunkRef, runs: list[tuple[int, int]]
+        self, path: Path, ref: ChunkRef, runs: list[tuple[int, int]], offset: int
     ) -> list[tuple[int, list[bytes]]] | _Unreadable:
         """Read and open runs of blocks of one cache file (any thread)."""
         out = []
@@ -269,7 +299,7 @@ class ChunkCache:
         try:
             for a, b in runs:
                 start, end = a * SBS, _sealed_end(ref, b)
-                sealed = os.pread(fd, end - start, HEADER + start)
+                sealed = os.pread(fd, end - start, offset + start)
                 if len(sealed) != end - start:
                     return _Unreadable(f"truncated ({len(sealed)} of {end - start} bytes)")
                 out.append((a, self._open(ref, a, sealed)))
@@ -303,19 +333,29 @@ class ChunkCache:
             self._written(name, first, sealed, error, cuts)
         return blocks
 
-    async def put_sealed(self, ref: ChunkRef, sealed: bytes) -> None:
-        """A whole chunk just written (sealed as it goes to the store): on disk, so
-        reading it back does not wait for the store. Not opened, not in memory (the
-        kernel's page cache holds what was just written)."""
-        name = self._wants(ref, 0, sealed)
-        if not name:
-            return
-        cuts = self._cuts
-        if len(sealed) <= INLINE_MAX:
-            error = self._write(name, 0, sealed)
-        else:
-            error = await trio.to_thread.run_sync(self._write, name, 0, sealed)
-        self._written(name, 0, sealed, error, cuts)
+    def adopt(self, key: str, path: Path, offset: int, size: int) -> bool:
+        """Take the staged file of chunk object ``key`` just uploaded (its sealed
+        bytes are ``size`` bytes at ``offset``): renamed into the cache, no copy.
+        False (the caller deletes the file) if it is not a chunk, does not fit the
+        cap, or cannot be moved."""
+        cid = fchunks.chunk_id_of(key)
+        n = -(-size // SBS)
+        if cid is None or self.directory is None or n > HEADER or SBS * n > self.max_bytes:
+            return False
+        name = self._name(cid)
+        target = self._path(name)
+        try:
+            target.parent.mkdir(exist_ok=True, mode=0o700)
+            os.replace(path, target)  # (the staging area is on the same filesystem)
+        except OSError:
+            return False
+        # Whatever was cached of it before went with the file it replaced.
+        old = self._index.pop(name, None)
+        if old is not None:
+            self.bytes -= _size(old)
+        self._offset[name] = offset
+        self._present(name, _bits(0, n))
+        return True
 
     def _wants(self, ref: ChunkRef, first: int, sealed: bytes) -> str:
         """The file name to write blocks ``first...`` of ``ref`` to, or "" if they
@@ -328,6 +368,8 @@ class ChunkCache:
             first, n
         ):
             return ""
+        if name in self._offset:
+            return ""  # an adopted staged file: the whole chunk is there already
         return name
 
     def _written(

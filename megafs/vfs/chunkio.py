@@ -71,11 +71,9 @@ class ChunkIO:
         self._nursery = nursery
 
     async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
-        """Store a chunk; its sealed blocks go into the disk cache too, so a read
-        after the kernel dropped its pages does not wait for the store."""
-        ref, sealed = await self.drive.store_chunk(plaintext)
-        if sealed is not None:
-            await self.cache.put_sealed(ref, sealed)
+        # Not cached here: until it is uploaded, reads find it in the staging area,
+        # which then hands its file to the cache (ChunkCache.adopt).
+        ref, _ = await self.drive.store_chunk(plaintext)
         return ref
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
