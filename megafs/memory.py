@@ -12,6 +12,13 @@ transfer peaks near 110 MiB and takes as long; a little more of it is system tim
 
 The setting is per process: the SDK makes it when a drive is opened. It changes
 nothing but where large blocks come from. Other C libraries: nothing to do.
+
+The mount daemon makes a milder setting instead, :func:`limit_arenas`: its write path
+allocates a chunk buffer per 4 MiB written, and a fresh mapping for each costs a page
+fault per 4 KiB (measured: a 1 GiB write ~35 % slower). Two arenas instead of up to
+eight per core keep it from holding freed memory in a dozen heaps (1 GiB written and
+read back: peak 176 -> 132 MiB, no slower); the GIL serialises the threads that would
+contend for an arena anyway.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import ctypes
 import sys
 from typing import Final
 
-M_MMAP_THRESHOLD: Final = -3  # glibc's mallopt parameter
+M_MMAP_THRESHOLD: Final = -3  # glibc's mallopt parameters
+M_ARENA_MAX: Final = -8
 MMAP_THRESHOLD: Final = 256 << 10
 
 _set = False
@@ -32,6 +40,11 @@ def return_large_buffers() -> bool:
     global _set
     if _set:
         return True
+    _set = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    return _set
+
+
+def _mallopt(param: int, value: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -40,5 +53,10 @@ def return_large_buffers() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _set = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    return _set
+    return bool(mallopt(param, value))
+
+
+def limit_arenas(count: int = 2) -> bool:
+    """Use at most ``count`` malloc arenas (glibc only). Call before threads start.
+    True if the setting is in force."""
+    return _mallopt(M_ARENA_MAX, count)

@@ -32,7 +32,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from megafs import exitcodes, sdnotify
+from megafs import exitcodes, memory, sdnotify
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
@@ -365,6 +365,7 @@ def run_foreground(
         if error is None:
             sdnotify.notify("READY=1")
 
+    memory.limit_arenas()  # before trio starts threads (see megafs.memory)
     trio.run(serve, store_url, mountpoint, passphrase, opts, ready_and_notify)
 
 
