@@ -62,31 +62,3 @@ def test_swapped_files_are_refused(tmp_path: Path) -> None:
     fb.write_bytes(da)
     c2 = _cache(tmp_path)
     assert c2.get(b"a") is None and c2.get(b"b") is None
-
-
-def test_batches_are_written_and_read_in_a_thread_with_the_same_checks(tmp_path: Path) -> None:
-    """put_many/get_many (a fetched run of blocks) keep the cap, survive a reopen,
-    drop a damaged file instead of serving it, and count hits and misses."""
-    import trio
-
-    blocks = [(b"b%d" % i, os.urandom(65536)) for i in range(8)]
-
-    async def main() -> None:
-        c = _cache(tmp_path, max_bytes=6 * 70_000)
-        await c.put_many(blocks)
-        assert c.bytes <= c.max_bytes
-        on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
-        assert on_disk == c.bytes
-        c2 = _cache(tmp_path, max_bytes=6 * 70_000)
-        keys = [k for k, _ in blocks]
-        got = await c2.get_many(keys)
-        assert got == {k: v for k, v in blocks[2:]}  # the two oldest were evicted
-        victim = next(f for f in tmp_path.rglob("*") if f.is_file())
-        victim.write_bytes(b"\0" * victim.stat().st_size)
-        c3 = _cache(tmp_path, max_bytes=6 * 70_000)
-        got = await c3.get_many(keys)
-        assert len(got) == 5 and all(dict(blocks)[k] == v for k, v in got.items())
-        assert (c3.hits, c3.misses) == (5, 3)
-        assert not victim.exists()
-
-    trio.run(main)
