@@ -17,7 +17,7 @@ The mount daemon makes a milder setting instead, :func:`limit_arenas`: its write
 allocates a chunk buffer per 4 MiB written, and a fresh mapping for each costs a page
 fault per 4 KiB (measured: a 1 GiB write ~35 % slower). Two arenas instead of up to
 eight per core keep it from holding freed memory in a dozen heaps (1 GiB written and
-read back: peak 176 -> 132 MiB, no slower); the GIL serialises the threads that would
+read back: peak RSS 176 -> 132-143 MB, no slower); the GIL serialises the threads that would
 contend for an arena anyway.
 """
 
