@@ -33,7 +33,10 @@ sections (no ``await`` splits an update). File reads and writes run in worker
 threads and touch no shared state. A file being written for the first time enters
 the index only when its write is done, so it cannot be evicted half-written; a
 file evicted while another write to it is in flight leaves an index entry for a
-file that is gone, which the next read finds missing and forgets (a miss).
+file that is gone, which the next read finds missing and forgets (a miss). A staged
+file is adopted only when no write to that chunk's file is in flight (``_writing``,
+counted on the event loop's thread): such a write would land at the sparse layout's
+offsets inside the adopted file.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ class ChunkCache:
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._index: OrderedDict[str, int] = OrderedDict()
         self._offset: dict[str, int] = {}  # where the data starts, if not at HEADER
+        self._writing: dict[str, int] = {}  # file name -> writes in flight to it
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -324,10 +328,16 @@ class ChunkCache:
             blocks = self._open(ref, first, sealed)
             return blocks, (self._write(name, first, sealed) if name else None)
 
-        if len(sealed) <= INLINE_MAX:
-            blocks, error = work()
-        else:
-            blocks, error = await trio.to_thread.run_sync(work)
+        if name:
+            self._writing[name] = self._writing.get(name, 0) + 1
+        try:
+            if len(sealed) <= INLINE_MAX:
+                blocks, error = work()
+            else:
+                blocks, error = await trio.to_thread.run_sync(work)
+        finally:
+            if name and (left := self._writing.pop(name) - 1):
+                self._writing[name] = left
         self._remember(ref, first, blocks)
         if name:
             self._written(name, first, sealed, error, cuts)
@@ -343,6 +353,8 @@ class ChunkCache:
         if cid is None or self.directory is None or n > HEADER or SBS * n > self.max_bytes:
             return False
         name = self._name(cid)
+        if name in self._writing:
+            return False  # a write in flight would land in the adopted file's layout
         target = self._path(name)
         try:
             target.parent.mkdir(exist_ok=True, mode=0o700)
