@@ -157,14 +157,19 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = EVENT_WAIT
 
 
 def tree_of(root: Path) -> dict[str, int | None]:
-    """Everything below a mounted directory: relative path -> size (None for folders)."""
+    """Everything below a mounted directory: relative path -> size (None for folders).
+    A file a remote change removes between the listing and its stat is left out (the
+    callers poll: the next look sees the new state)."""
     listing: dict[str, int | None] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
         for d in dirnames:
             listing[str(rel / d)] = None
         for f in filenames:
-            listing[str(rel / f)] = os.stat(Path(dirpath) / f).st_size
+            try:
+                listing[str(rel / f)] = os.stat(Path(dirpath) / f).st_size
+            except FileNotFoundError:
+                continue
     return listing
 
 
