@@ -22,7 +22,7 @@ BS = fchunks.BLOCK_SIZE
 
 
 def _open(ref: ChunkRef, first: int, sealed: bytes) -> list[bytes]:
-    return fchunks.open_block_list(AEAD, VID, ref.cid, ref.length, first, sealed)
+    return fchunks.open_blocks(AEAD, VID, ref.cid, ref.length, first, sealed)
 
 
 def _cache(d: Path, max_bytes: int = 1 << 30) -> ChunkCache:

@@ -26,7 +26,7 @@ class _SlowDrive:
         self.peak = 0
         self.fetched: list[tuple[int, int]] = []
 
-    async def store_chunk(self, plaintext: bytes | bytearray) -> tuple[ChunkRef, bytes | None]:
+    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
         raise NotImplementedError
 
     async def fetch_sealed(self, ref: ChunkRef, first: int, stop: int) -> bytes:

@@ -100,21 +100,10 @@ def open_blocks(
     length: int,
     first: int,
     sealed: bytes,
-) -> bytes:
-    """Open consecutive sealed blocks starting at block ``first`` of a chunk whose
-    plaintext is ``length`` bytes long; returns their plaintext."""
-    return b"".join(open_block_list(aead, volume_id, cid, length, first, sealed))
-
-
-def open_block_list(
-    aead: AESGCM,
-    volume_id: bytes,
-    cid: bytes,
-    length: int,
-    first: int,
-    sealed: bytes,
 ) -> list[bytes]:
-    """:func:`open_blocks`, one ``bytes`` per block."""
+    """Open consecutive sealed blocks starting at block ``first`` of a chunk whose
+    plaintext is ``length`` bytes long; returns their plaintext, one ``bytes`` per
+    block."""
     key = chunk_key(cid)
     n = block_count(length)
     out = []
@@ -141,4 +130,4 @@ def verify_chunk(aead: AESGCM, volume_id: bytes, cid: bytes, length: int, sealed
         raise IntegrityError(
             f"chunk {chunk_key(cid)}: size {len(sealed)} is not the expected {sealed_size(length)}"
         )
-    return open_blocks(aead, volume_id, cid, length, 0, sealed)
+    return b"".join(open_blocks(aead, volume_id, cid, length, 0, sealed))

@@ -115,6 +115,23 @@ def _decode(blob: bytes) -> tuple[bool, str, bytes] | None:
     return op == b"D", key, blob[start : start + dlen]
 
 
+def data_offset(key: str) -> int:
+    """Where the data of a staged file for ``key`` starts."""
+    return _HEAD.size + len(key.encode()) + 8
+
+
+def put_layout(head: bytes) -> tuple[int, int] | None:
+    """(data offset, data length) of a staged put from its file's first bytes (at
+    least the header and key), or None if they are not one's (either format)."""
+    if len(head) < _HEAD.size:
+        return None
+    magic, op, klen = _HEAD.unpack_from(head)
+    if magic not in (_MAGIC, _MAGIC_V1) or op != b"P" or _HEAD.size + klen + 8 > len(head):
+        return None
+    (dlen,) = struct.unpack_from(">Q", head, _HEAD.size + klen)
+    return _HEAD.size + klen + 8, dlen
+
+
 def _read_range(path: Path, start: int, end: int | None) -> bytes:
     """Bytes ``[start, end)`` of a staged file's data, without reading the rest."""
     with open(path, "rb") as f:
@@ -505,8 +522,7 @@ class StagingStore:
         """Whether ``on_uploaded`` took the file of an uploaded immutable object."""
         if self._on_uploaded is None or e.delete or self._is_barrier(e.key):
             return False
-        offset = _HEAD.size + len(e.key.encode()) + 8
-        return self._on_uploaded(e.key, e.path, offset, e.size)
+        return self._on_uploaded(e.key, e.path, data_offset(e.key), e.size)
 
     def _failed(self, exc: StoreError, delay: float) -> None:
         """Note a failed upload: one warning when uploads start failing, the retries

@@ -46,7 +46,6 @@ import hashlib
 import hmac
 import logging
 import os
-import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +57,7 @@ from cachetools import LRUCache
 from megafs.errors import IntegrityError
 from megafs.format import chunks as fchunks
 from megafs.format.records import ChunkRef
+from megafs.stores.staging import put_layout
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +87,13 @@ def _sealed_end(ref: ChunkRef, stop: int) -> int:
 
 def _staged_layout(head: bytes) -> tuple[int, int] | None:
     """(data offset, presence mask) of a cache file that is an adopted staged file
-    (:mod:`megafs.stores.staging`'s layout: magic, b"P", u16 key length, key, u64 data
-    length, data, checksum), or None if it is not one."""
-    if len(head) < 7 or head[:4] not in (b"MFS2", b"MFS1") or head[4:5] != b"P":
+    (:func:`megafs.stores.staging.put_layout`), or None if it is not one."""
+    layout = put_layout(head)
+    if layout is None:
         return None
-    (klen,) = struct.unpack_from(">H", head, 5)
-    if 7 + klen + 8 > len(head):
-        return None
-    (dlen,) = struct.unpack_from(">Q", head, 7 + klen)
+    offset, dlen = layout
     n = -(-dlen // SBS)
-    if not 0 < n <= HEADER:
-        return None
-    return 7 + klen + 8, _bits(0, n)
+    return (offset, _bits(0, n)) if 0 < n <= HEADER else None
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:

@@ -43,7 +43,7 @@ class ContentDrive(Protocol):
     @property
     def block_size(self) -> int: ...
 
-    async def store_chunk(self, plaintext: bytes | bytearray) -> tuple[ChunkRef, bytes | None]: ...
+    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef: ...
 
     async def fetch_sealed(self, ref: ChunkRef, first: int, stop: int) -> bytes: ...
 
@@ -73,8 +73,7 @@ class ChunkIO:
     async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
         # Not cached here: until it is uploaded, reads find it in the staging area,
         # which then hands its file to the cache (ChunkCache.adopt).
-        ref, _ = await self.drive.store_chunk(plaintext)
-        return ref
+        return await self.drive.write_chunk(plaintext)
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
         """Run ``fn(*args)`` in the background; False if there is no nursery yet."""

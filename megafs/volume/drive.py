@@ -290,11 +290,10 @@ class Volume:
 
     block_size: Final = fchunks.BLOCK_SIZE
 
-    async def store_chunk(self, plaintext: bytes | bytearray) -> tuple[frec.ChunkRef, bytes | None]:
-        """Store a chunk (once per mount: identical chunks are deduplicated by id);
-        return its reference and the sealed object stored (None if it was stored
-        before). Small chunks are hashed and sealed inline (a few tens of
-        microseconds, less than a thread hop); large ones in a thread."""
+    async def write_chunk(self, plaintext: bytes | bytearray) -> frec.ChunkRef:
+        """Store a chunk (once per mount: identical chunks are deduplicated by id)
+        and return its reference. Small chunks are hashed and sealed inline (a few
+        tens of microseconds, less than a thread hop); large ones in a thread."""
 
         def prepare() -> tuple[bytes, bytes | None]:
             cid = fchunks.chunk_id(self.keys.chunk_id, plaintext)
@@ -311,7 +310,7 @@ class Volume:
             # have) rewrites identical plaintext, never changes what a reader sees.
             await self.store.put(fchunks.chunk_key(cid), sealed)
             self._known_chunks.add(cid)
-        return frec.ChunkRef(cid, len(plaintext)), sealed
+        return frec.ChunkRef(cid, len(plaintext))
 
     async def read_blocks(self, ref: frec.ChunkRef, first: int, stop: int) -> list[bytes]:
         """Plaintext of sub-blocks ``[first, stop)`` of a chunk, fetched with one
@@ -346,7 +345,7 @@ class Volume:
         """Authenticate and open sealed sub-blocks ``first...`` of a chunk: their
         plaintext, one ``bytes`` per block (IntegrityError if any fails). Safe to
         call from worker threads."""
-        return fchunks.open_block_list(
+        return fchunks.open_blocks(
             self._content, self.volume_id, ref.cid, ref.length, first, sealed
         )
 
