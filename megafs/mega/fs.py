@@ -115,6 +115,9 @@ def _writable_flags(flags: int) -> bool:
 class MegaVfs:
     """See the module docstring."""
 
+    #: close() of a writer queues the file's upload (:meth:`flush`).
+    flush_on_close: Final = True
+
     def __init__(
         self,
         api: MegaApi,

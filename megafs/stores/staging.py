@@ -46,7 +46,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
@@ -199,7 +199,7 @@ class StagingStore:
         max_pending_bytes: int = 1 << 30,
         concurrency: int = 32,
         on_full: Callable[[], bool] | None = None,
-        on_uploaded: Callable[[str, Path, int, int], bool] | None = None,
+        on_uploaded: Callable[[str, Path, int, int], Awaitable[bool]] | None = None,
     ) -> None:
         self.remote = remote
         # Called (on the event loop's thread) with (key, staged file, offset and size
@@ -306,10 +306,10 @@ class StagingStore:
 
         while True:
             try:
-                if len(data) <= INLINE_IO_MAX:
-                    write()  # a small write to the page cache costs less than a thread hop
-                else:
-                    await trio.to_thread.run_sync(write)
+                # Always in a thread: creating and renaming a file costs far more
+                # than the hop, even for a few bytes, and the event loop's thread
+                # is the one that answers the kernel.
+                await trio.to_thread.run_sync(write)
                 break
             except OSError as exc:
                 full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -511,18 +511,18 @@ class StagingStore:
             self.pending_bytes -= e.size
             if self._entries.get(e.key) is e:
                 del self._entries[e.key]
-            if not self._adopted(e):
+            if not await self._adopted(e):
                 await trio.to_thread.run_sync(lambda: e.path.unlink(missing_ok=True))
         finally:
             in_flight.discard(e.seq)
             limit.release()
             self._changed.set()
 
-    def _adopted(self, e: _Entry) -> bool:
+    async def _adopted(self, e: _Entry) -> bool:
         """Whether ``on_uploaded`` took the file of an uploaded immutable object."""
         if self._on_uploaded is None or e.delete or self._is_barrier(e.key):
             return False
-        return self._on_uploaded(e.key, e.path, data_offset(e.key), e.size)
+        return await self._on_uploaded(e.key, e.path, data_offset(e.key), e.size)
 
     def _failed(self, exc: StoreError, delay: float) -> None:
         """Note a failed upload: one warning when uploads start failing, the retries

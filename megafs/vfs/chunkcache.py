@@ -36,7 +36,8 @@ file evicted while another write to it is in flight leaves an index entry for a
 file that is gone, which the next read finds missing and forgets (a miss). A staged
 file is adopted only when no write to that chunk's file is in flight (``_writing``,
 counted on the event loop's thread): such a write would land at the sparse layout's
-offsets inside the adopted file.
+offsets inside the adopted file. While its rename runs in a worker thread, no write
+starts on it (``_adopting``) and the index holds nothing for it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, final
+from typing import Any, Final, TypeVar, final
 
 import trio
 from cachetools import LRUCache
@@ -60,6 +61,7 @@ from megafs.format.records import ChunkRef
 from megafs.stores.staging import put_layout
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SBS: Final = fchunks.SEALED_BLOCK_SIZE
 #: Presence bytes at the start of a cache file: one per sub-block of a chunk.
@@ -94,6 +96,17 @@ def _staged_layout(head: bytes) -> tuple[int, int] | None:
     offset, dlen = layout
     n = -(-dlen // SBS)
     return (offset, _bits(0, n)) if 0 < n <= HEADER else None
+
+
+def _in_subdir(call: Callable[..., _T], *args: Any) -> _T:
+    """``call(*args)`` whose last path argument is in a cache subdirectory, making
+    that subdirectory first if it has gone (they are all made at open)."""
+    try:
+        return call(*args)
+    except FileNotFoundError:
+        target = next(a for a in reversed(args) if isinstance(a, Path))
+        target.parent.mkdir(exist_ok=True, mode=0o700)
+        return call(*args)
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
@@ -138,12 +151,17 @@ class ChunkCache:
         self._index: OrderedDict[str, int] = OrderedDict()
         self._offset: dict[str, int] = {}  # where the data starts, if not at HEADER
         self._writing: dict[str, int] = {}  # file name -> writes in flight to it
+        self._adopting: set[str] = set()  # file names being renamed in by adopt
         self.bytes = 0
         self.hits = 0
         self.misses = 0
         self._cuts = 0  # how many times make_room cut the cap
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The 256 subdirectories up front: a mkdir per insert cost more than the
+            # insert (one is made again if it goes missing while mounted).
+            for i in range(256):
+                (directory / f"{i:02x}").mkdir(exist_ok=True, mode=0o700)
             self._load_index()
 
     # ---------------------------------------------------------------- the index
@@ -338,7 +356,7 @@ class ChunkCache:
             self._written(name, first, sealed, error, cuts)
         return blocks
 
-    def adopt(self, key: str, path: Path, offset: int, size: int) -> bool:
+    async def adopt(self, key: str, path: Path, offset: int, size: int) -> bool:
         """Take the staged file of chunk object ``key`` just uploaded (its sealed
         bytes are ``size`` bytes at ``offset``): renamed into the cache, no copy.
         False (the caller deletes the file) if it is not a chunk, does not fit the
@@ -348,18 +366,26 @@ class ChunkCache:
         if cid is None or self.directory is None or n > HEADER or SBS * n > self.max_bytes:
             return False
         name = self._name(cid)
-        if name in self._writing:
+        if name in self._writing or name in self._adopting:
             return False  # a write in flight would land in the adopted file's layout
-        target = self._path(name)
-        try:
-            target.parent.mkdir(exist_ok=True, mode=0o700)
-            os.replace(path, target)  # (the staging area is on the same filesystem)
-        except OSError:
-            return False
-        # Whatever was cached of it before went with the file it replaced.
+        # Until the rename (in a worker thread) is done, the name holds nothing (a
+        # read misses) and no fill may start on it (_wants).
         old = self._index.pop(name, None)
         if old is not None:
             self.bytes -= _size(old)
+        old_offset = self._offset.pop(name, None)
+        self._adopting.add(name)
+        try:
+            # (the staging area is on the same filesystem)
+            await trio.to_thread.run_sync(_in_subdir, os.replace, path, self._path(name))
+        except OSError:
+            if old is not None:  # the file it was to replace is still there
+                self._present(name, old)
+                if old_offset is not None:
+                    self._offset[name] = old_offset
+            return False
+        finally:
+            self._adopting.discard(name)
         self._offset[name] = offset
         self._present(name, _bits(0, n))
         return True
@@ -375,8 +401,8 @@ class ChunkCache:
             first, n
         ):
             return ""
-        if name in self._offset:
-            return ""  # an adopted staged file: the whole chunk is there already
+        if name in self._offset or name in self._adopting:
+            return ""  # an adopted staged file: the whole chunk is (or will be) there
         return name
 
     def _written(
@@ -401,8 +427,7 @@ class ChunkCache:
         present, data first (any thread; touches no shared state)."""
         path = self._path(name)
         try:
-            path.parent.mkdir(exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = _in_subdir(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 view = memoryview(sealed)
                 pos = 0

@@ -51,6 +51,7 @@ XATTR_NAME_MAX: Final = 255
 XATTR_SIZE_MAX: Final = 65536
 DIRTY_BYTES_MAX: Final = 64 * 1024 * 1024
 MEMORY_CACHE_BYTES: Final = 32 * 1024 * 1024
+FLUSH_CONCURRENCY: Final = 8  # files staged side by side by a commit
 READAHEAD_MIN: Final = 1 << 20
 STATE_XATTR: Final = b"user.megafs.state"  # per-file upload state (never listed)
 REFRESH_FETCHES: Final = 16  # directory HEADs at once while checking for remote changes
@@ -126,6 +127,9 @@ class WriteBack(Protocol):
 
 class Vfs:
     """A mounted volume's filesystem, independent of FUSE."""
+
+    #: Whether close() must reach :meth:`flush` (it need not: see there).
+    flush_on_close: Final = False
 
     def __init__(
         self,
@@ -203,15 +207,41 @@ class Vfs:
     async def sync(self) -> None:
         """Store all dirty file content, commit all dirty metadata, and make it
         durable locally (in the staging area, when there is one)."""
-        for ino in list(self._dirty_content):
-            node = self.nodes.get(ino)
-            if node is None:
-                self._dirty_content.discard(ino)
-                continue
-            await self._flush_node(node)
+        await self._flush_all()
         await self.commit()
         if self.writeback is not None:
             await self.writeback.sync()
+
+    async def _flush_all(self) -> None:
+        """Stage every dirty file's content, FLUSH_CONCURRENCY files at a time.
+
+        A flush is mostly thread hops (hash and seal, the staged file's write), so
+        flushing files side by side keeps both cores busy while the event loop's
+        thread goes on answering the kernel; one file's flushes stay serial under
+        its ``content_lock``. Every file is tried; the first error is raised after."""
+        inos = list(self._dirty_content)
+        todo = iter(inos)
+        errors: list[MegafsError] = []
+
+        async def worker() -> None:
+            for ino in todo:  # (shared: each file goes to one worker)
+                node = self.nodes.get(ino)  # (looked up now: it may have gone since)
+                if node is None:
+                    self._dirty_content.discard(ino)
+                    continue
+                try:
+                    await self._flush_node(node)
+                except MegafsError as exc:
+                    errors.append(exc)
+
+        if len(inos) <= 1:
+            await worker()
+        else:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(FLUSH_CONCURRENCY, len(inos))):
+                    nursery.start_soon(worker)
+        if errors:
+            raise errors[0]
 
     async def close(self) -> None:
         """Final flush and commit (unmount)."""
@@ -882,7 +912,9 @@ class Vfs:
 
     async def flush(self, fh: int) -> None:
         """close() waits for nothing: the content is staged by the next commit
-        (within ``commit_interval``), or by fsync."""
+        (within ``commit_interval``), or by fsync. Only back-pressure, which every
+        write applies already: a mount does not even send close() here
+        (:attr:`flush_on_close`)."""
         self._handle(fh)
         await self._limit_dirty()
 

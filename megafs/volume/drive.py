@@ -45,7 +45,13 @@ log = logging.getLogger(__name__)
 ROOT_INO: Final = 1
 #: Seconds before a metadata object that failed to open is fetched again (_get_meta).
 REREAD_PAUSE: Final = 0.2
+#: Sealed runs at most this long are opened on the event loop's thread (a read waits
+#: for them; the thread hop would cost as much).
 INLINE_CRYPTO_MAX: Final = 256 * 1024
+#: Chunks at most this long are hashed and sealed on the event loop's thread. Smaller
+#: than for reads: writes are staged in batches (a commit flushes files side by side),
+#: where the event loop's thread is better kept free to answer the kernel.
+INLINE_SEAL_MAX: Final = 32 * 1024
 
 
 @dataclass
@@ -293,7 +299,7 @@ class Volume:
     async def write_chunk(self, plaintext: bytes | bytearray) -> frec.ChunkRef:
         """Store a chunk (once per mount: identical chunks are deduplicated by id)
         and return its reference. Small chunks are hashed and sealed inline (a few
-        tens of microseconds, less than a thread hop); large ones in a thread."""
+        tens of microseconds, less than a thread hop); larger ones in a thread."""
 
         def prepare() -> tuple[bytes, bytes | None]:
             cid = fchunks.chunk_id(self.keys.chunk_id, plaintext)
@@ -301,7 +307,7 @@ class Volume:
                 return cid, None
             return cid, fchunks.seal_chunk(self._content, self.volume_id, cid, plaintext)
 
-        if len(plaintext) <= INLINE_CRYPTO_MAX:
+        if len(plaintext) <= INLINE_SEAL_MAX:
             cid, sealed = prepare()
         else:
             cid, sealed = await trio.to_thread.run_sync(prepare)
