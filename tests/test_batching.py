@@ -67,3 +67,41 @@ def test_create_cost_grows_linearly() -> None:
         assert large < small * 20, (small, large)
 
     trio.run(main)
+
+
+def test_a_file_dropped_while_a_commit_stores_it() -> None:
+    """A file unlinked, closed and forgotten while a commit is storing its content
+    (the store is slow): the commit finishes without its buffers (they went with
+    the file), raises nothing, and the volume stays usable."""
+
+    async def main() -> None:
+        inner = MemoryStore()
+        await Volume.create(inner, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        store = FaultyStore(inner)
+        vfs = Vfs(await Volume.open(store, PASSPHRASE.encode()))
+        await vfs.start()
+        files = []
+        for name in (b"a", b"b", b"c"):  # (several: a commit stores them side by side)
+            fh, attr = await vfs.create(1, name, 0o644, os.O_WRONLY, CTX)
+            await vfs.write(fh, 0, name * 100_000)  # not inline: a chunk each
+            files.append((name, fh, attr.ino))
+        store.delay = 0.3
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vfs.sync)
+            await trio.sleep(0.1)  # the commit waits on the store
+            for name, fh, ino in files[:2]:
+                await vfs.unlink(1, name)
+                await vfs.release(fh)
+                vfs.forget(ino, 1)
+                assert ino not in vfs.nodes  # dropped, buffers and all
+        store.delay = 0
+        await vfs.release(files[2][1])
+        await vfs.close()
+        vfs2 = Vfs(await Volume.open(inner, PASSPHRASE.encode()))
+        await vfs2.start()
+        names = [name for name, _, _ in await vfs2.readdir(1, 0)]
+        assert names == [b"c"]
+        fh = await vfs2.open((await vfs2.lookup(1, b"c")).ino, os.O_RDONLY)
+        assert await vfs2.read(fh, 0, 1 << 20) == b"c" * 100_000
+
+    trio.run(main)

@@ -182,7 +182,12 @@ async def truncate(vol: ChunkIO, node: Node, size: int) -> None:
 
 
 async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
-    buf = node.dirty[i]
+    # A file that is dropped (unlinked, closed and forgotten: Vfs._maybe_drop) loses
+    # its buffers at once, whoever is storing them: a store under way finishes with
+    # no buffer to release, and the ones after it have nothing to store.
+    buf = node.dirty.get(i)
+    if buf is None:
+        return
     valid = max(0, min(len(buf), node.record.size - i * CHUNK_SIZE))
     if valid < len(buf):
         del buf[valid:]
@@ -192,7 +197,7 @@ async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
         # No copy: nothing changes this buffer until it leaves ``dirty`` (writers
         # of this chunk wait for ``flushing``; everything else holds the lock).
         node.record.chunks[i] = await vol.write_chunk(buf)
-    del node.dirty[i]
+    node.dirty.pop(i, None)
 
 
 async def flush(vol: ChunkIO, node: Node) -> None:
