@@ -7,6 +7,7 @@ Every failure prints one line ``megafs: ...`` to stderr and exits non-zero (see
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import logging
@@ -26,6 +27,7 @@ from megafs.errors import MegafsError, VolumeError
 from megafs.mount import (
     PID_XATTR,
     STATUS_XATTR,
+    WAIT_XATTR,
     MountError,
     check_mountpoint,
     mounted_at,
@@ -293,9 +295,17 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def _status(mnt: Path) -> dict[str, Any]:
+def _status(mnt: Path, *, waiting: bool = False) -> dict[str, Any]:
+    """The mount's status document; ``waiting``: also ask it to upload what waits
+    now, without waiting for writes to pause (a mount of an older megafs, which does
+    not know that request, just answers the status)."""
     try:
-        raw = os.getxattr(mnt, STATUS_XATTR.decode())
+        try:
+            raw = os.getxattr(mnt, (WAIT_XATTR if waiting else STATUS_XATTR).decode())
+        except OSError as exc:
+            if not waiting or exc.errno != errno.ENODATA:
+                raise
+            raw = os.getxattr(mnt, STATUS_XATTR.decode())
     except OSError as exc:
         raise MountError(f"{mnt} is not a megafs mount ({exc.strerror})") from None
     result: dict[str, Any] = json.loads(raw)
@@ -309,7 +319,7 @@ def _wait_idle(mnt: Path, timeout: float, progress: ProgressLine | None = None) 
     started = time.time()
     base: int | None = None
     while True:
-        st = _status(mnt)
+        st = _status(mnt, waiting=True)
         if base is None:
             base = int(st.get("uploaded_bytes", 0))
         if not st["pending_objects"] and not st["dirty_files"]:

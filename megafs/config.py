@@ -43,6 +43,8 @@ class MountOptions:
     allow_other: bool = False
     cache_dir: Path = field(default_factory=default_cache_root)
     commit_interval: float = 1.0
+    # Uploads start once writes have paused this long (StagingStore: "When").
+    upload_delay: float = 1.0
     # Read-only mounts: seconds between checks of loaded directories for changes made by
     # the volume's writer elsewhere.
     dir_cache_time: float = 30.0
@@ -143,6 +145,13 @@ def parse_options(specs: list[str]) -> MountOptions:
                     raise UsageError(f"commit_interval={value}: not a number") from None
                 if not 0 < opts.commit_interval <= 3600:
                     raise UsageError("commit_interval must be between 0 and 3600 seconds")
+            elif name == "upload_delay" and value:
+                try:
+                    opts.upload_delay = float(value)
+                except ValueError:
+                    raise UsageError(f"upload_delay={value}: not a number") from None
+                if not 0 <= opts.upload_delay <= 3600:
+                    raise UsageError("upload_delay must be between 0 and 3600 seconds")
             elif name == "store_latency" and value:
                 try:
                     opts.store_latency = float(value)

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 PID_XATTR = b"user.megafs.pid"
 STATUS_XATTR = b"user.megafs.status"
+# The status document too, and a request to upload what waits at once instead of when
+# writes pause (StagingStore.upload_now): read by `megafs status --wait-idle` and
+# `megafs umount` while they wait.
+WAIT_XATTR = b"user.megafs.status.wait"
 READ_AHEAD_KB = 1024
 
 
@@ -98,9 +102,15 @@ class _Ops(Operations):
     """Adds control attributes on the root, answered but never listed:
     ``user.megafs.pid`` (the daemon's pid) and ``user.megafs.status`` (JSON)."""
 
-    def __init__(self, vfs: Vfs | MegaVfs, status: Callable[[], dict[str, object]]) -> None:
+    def __init__(
+        self,
+        vfs: Vfs | MegaVfs,
+        status: Callable[[], dict[str, object]],
+        upload_now: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(vfs)
         self._status = status
+        self._upload_now = upload_now
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if name.startswith((b"security.", b"system.")):
@@ -112,7 +122,9 @@ class _Ops(Operations):
         if inode == pyfuse3.ROOT_INODE:
             if name == PID_XATTR:
                 return str(os.getpid()).encode()
-            if name == STATUS_XATTR:
+            if name in (STATUS_XATTR, WAIT_XATTR):
+                if name == WAIT_XATTR and self._upload_now is not None:
+                    self._upload_now()
                 return json.dumps(self._status()).encode()
         return await super().getxattr(inode, name, ctx)
 
@@ -142,7 +154,8 @@ async def serve(
         staging, lease, lock = stack.staging, stack.lease, stack.lock
         vfs.invalidate = invalidate
         status = _StatusView(vfs, staging, cache, lease, track_store(volume, staging))
-        pyfuse3.init(_Ops(vfs, status), str(mountpoint), opts.fuse_options(store.url))
+        upload_now = staging.upload_now if staging is not None else None
+        pyfuse3.init(_Ops(vfs, status, upload_now), str(mountpoint), opts.fuse_options(store.url))
     except MegafsError as exc:
         ready(exc)
         raise

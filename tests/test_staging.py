@@ -242,3 +242,55 @@ def test_staged_ranges_and_files_of_the_previous_format(tmp_path: Path) -> None:
             await remote.get("d/y")
 
     trio.run(main)
+
+
+def test_uploads_wait_for_writes_to_pause(tmp_path: Path) -> None:
+    """A round of uploads starts once nothing has been staged for ``upload_quiet``
+    seconds, and runs until the queue is empty; at once when asked (upload_now), when
+    someone waits (wait_idle), or when half the cap is waiting."""
+
+    async def main() -> None:
+        remote = FaultyStore(MemoryStore())
+        s = StagingStore(remote, tmp_path / "a", is_barrier=_barrier, upload_quiet=0.5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            for i in range(4):  # a burst: each put restarts the quiet period
+                await s.put(f"c/{i}", b"x")
+                await trio.sleep(0.3)
+            assert remote.puts == []
+            await trio.sleep(0.4)  # quiet for 0.7 s by now
+            assert sorted(remote.puts) == [f"c/{i}" for i in range(4)]
+
+            # Asked to: at once (megafs status --wait-idle, megafs umount).
+            s.upload_quiet = 60.0
+            await s.put("c/now", b"y")
+            await trio.sleep(0.2)
+            assert "c/now" not in remote.puts
+            s.upload_now()
+            with trio.fail_after(5):
+                while s.pending_count:
+                    await trio.sleep(0.01)
+            # Someone waits for the queue (unmount, fsync=remote, conditional writes).
+            await s.put("d/dir", b"meta")
+            with trio.fail_after(5):
+                await s.wait_idle()
+            assert remote.puts[-1] == "d/dir"
+            nursery.cancel_scope.cancel()
+
+        # Half the cap waiting: no waiting for a pause (a large copy uploads as it runs).
+        remote = FaultyStore(MemoryStore())
+        s = StagingStore(
+            remote, tmp_path / "b", is_barrier=_barrier, upload_quiet=60.0, max_pending_bytes=1000
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            await s.put("c/small", b"z" * 100)
+            await trio.sleep(0.2)
+            assert remote.puts == []
+            await s.put("c/big", b"z" * 500)
+            with trio.fail_after(5):
+                while s.pending_count:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

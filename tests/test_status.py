@@ -399,3 +399,25 @@ def test_fsck_and_gc_progress(tmp_path: Path) -> None:
     assert re.search(r"scanning: \d+ dirs, \d+ files, \d+/20 chunks", term), term
     assert re.search(r"deleting unreferenced chunks: 5/5 \[#{20}\] 100%", term), term
     assert "deleted 5 unreferenced chunks" in out and "\r" not in out
+
+
+@needs_fuse
+def test_uploads_wait_for_a_pause_and_wait_idle_starts_them(tmp_path: Path) -> None:
+    """``-o upload_delay=``: nothing is uploaded while writes have not paused that long;
+    ``megafs status --wait-idle`` starts the uploads at once and returns when done."""
+    m = new_mount(tmp_path, options=["upload_delay=600"])
+    with serving(m):
+        (m.path / "later.bin").write_bytes(os.urandom(300_000))
+        os.sync()  # (not an fsync of the file: staged by the next commit)
+        deadline = time.monotonic() + 20
+        while status(m)["dirty_files"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)
+        st = status(m)
+        assert st["pending_objects"] >= 2, st  # its chunk and the root directory
+        assert st["uploaded_bytes"] == 0, st
+        t0 = time.monotonic()
+        subprocess.run([*MEGAFS, "status", str(m.path), "--wait-idle"], check=True, timeout=60)
+        assert time.monotonic() - t0 < 30  # not the 600 s upload_delay
+        st = status(m)
+        assert st["pending_objects"] == 0 and st["uploaded_bytes"] > 300_000, st

@@ -17,6 +17,16 @@ Non-barrier objects are immutable and named by their content, so one the remote
 store has already (same key and size) is not uploaded again (dedup, off the write
 path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
 
+When. Uploads wait for writes to pause: a round of uploads starts once nothing has
+been staged for ``upload_quiet`` seconds (default 1 s), or when ``UPLOAD_EAGER_BYTES``
+wait (half the cap, if less), or when the oldest waiting operation has waited
+``UPLOAD_MAX_DELAY`` times ``upload_quiet`` (5 s), or at once while anyone waits for the queue
+(:meth:`wait_idle`: unmount, ``fsync=remote``, conditional writes) or once asked
+(:meth:`upload_now`: ``megafs status --wait-idle``, ``megafs umount``). A burst of writes
+(``tar x``, a checkout, a build) so has the CPU and the disk to itself and is
+uploaded right after it, like rclone's ``--vfs-write-back``; a large copy is uploaded
+while it runs. A round, once started, runs until the queue is empty.
+
 Durability. Staged files are written to a temporary name and renamed, so a killed
 process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
 (the caller's fsync/commit point). After a power loss, files staged after the last
@@ -69,6 +79,9 @@ INLINE_IO_MAX: Final = 256 * 1024
 #: remote store with latency, asking costs as much as sending (a round trip and a
 #: request's CPU), and most small objects are new.
 DEDUP_CHECK_MIN: Final = 1 << 20
+UPLOAD_QUIET: Final = 1.0  # see "When" above
+UPLOAD_EAGER_BYTES: Final = 64 << 20
+UPLOAD_MAX_DELAY: Final = 5  # times upload_quiet
 _HEAD = struct.Struct(">4scH")
 
 
@@ -81,6 +94,7 @@ class _Entry:
     path: Path
     synced: bool = False
     done: bool = False
+    staged: float = 0.0  # when (trio clock); 0 for one found at mount: due at once
 
 
 def _encode(op: bytes, key: str, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
@@ -200,8 +214,13 @@ class StagingStore:
         concurrency: int = 32,
         on_full: Callable[[], bool] | None = None,
         on_uploaded: Callable[[str, Path, int, int], Awaitable[bool]] | None = None,
+        upload_quiet: float = UPLOAD_QUIET,
     ) -> None:
         self.remote = remote
+        self.upload_quiet = upload_quiet
+        self._last_stage = 0.0  # when the newest operation was staged (trio clock)
+        self._hurry = 0  # callers of wait_idle waiting: uploads do not wait for quiet
+        self._now = False  # upload_now was called: the next round starts at once
         # Called (on the event loop's thread) with (key, staged file, offset and size
         # of the data in it) when an immutable object is on the remote store: True if
         # it took the file (e.g. a cache renamed it into itself), else it is deleted.
@@ -317,7 +336,8 @@ class StagingStore:
                     continue
                 kind = NoSpace if full else StoreError
                 raise kind(f"staging area {self.directory}: {exc.strerror or exc}") from exc
-        entry = _Entry(seq, key, op == b"D", len(data), path)
+        self._last_stage = trio.current_time()
+        entry = _Entry(seq, key, op == b"D", len(data), path, staged=self._last_stage)
         self._add(entry)
         return entry
 
@@ -421,9 +441,34 @@ class StagingStore:
         await self._changed.wait()
 
     async def wait_idle(self) -> None:
-        """Wait until every staged operation is on the remote store."""
-        while self._order:
-            await self._wait_change()
+        """Wait until every staged operation is on the remote store (uploads start
+        at once meanwhile, without waiting for writes to pause)."""
+        self._hurry += 1
+        self._changed.set()  # (wakes an uploader waiting for quiet)
+        try:
+            while self._order:
+                await self._wait_change()
+        finally:
+            self._hurry -= 1
+
+    def upload_now(self) -> None:
+        """Start uploading what waits without waiting for writes to pause (a round,
+        once started, runs until the queue is empty)."""
+        self._now = True
+        self._changed.set()
+
+    async def _wait_round(self) -> None:
+        """Return when a round of uploads may start (see "When" in the module
+        docstring)."""
+        eager = min(UPLOAD_EAGER_BYTES, self.max_pending_bytes // 2)
+        while self._order and not (self._hurry or self._now) and self.pending_bytes < eager:
+            oldest = next(iter(self._order.values())).staged
+            quiet = self.upload_quiet
+            due = min(self._last_stage + quiet, oldest + UPLOAD_MAX_DELAY * quiet)
+            if trio.current_time() >= due:
+                return
+            with trio.move_on_at(due):
+                await self._wait_change()
 
     @property
     def pending_count(self) -> int:
@@ -444,7 +489,15 @@ class StagingStore:
         limit = trio.Semaphore(self.concurrency)
         retry_observer.set(self._retrying)  # for the upload tasks started below
         async with trio.open_nursery() as nursery:
+            in_round = False  # a round, once started, runs until the queue is empty
             while True:
+                if not self._order:
+                    in_round = self._now = False
+                    await self._wait_change()
+                    continue
+                if not in_round:
+                    await self._wait_round()
+                    in_round, self._now = True, False
                 started = False
                 for seq, e in list(self._order.items()):
                     if seq in in_flight:
