@@ -499,7 +499,9 @@ class StagingStore:
                     await self._wait_round()
                     in_round, self._now = True, False
                 started = False
-                for seq, e in list(self._order.items()):
+                # No await in this loop: it walks the queue itself, not a copy (one
+                # per finished upload was quadratic in a long queue).
+                for seq, e in self._order.items():
                     if seq in in_flight:
                         continue
                     barrier = self._is_barrier(e.key) or e.delete
@@ -507,13 +509,15 @@ class StagingStore:
                         break  # a barrier waits for everything staged before it
                     if limit.value == 0:
                         break
-                    await limit.acquire()
+                    limit.acquire_nowait()
                     in_flight.add(seq)
                     nursery.start_soon(self._upload, e, limit, in_flight)
                     started = True
                     if barrier:
                         break
-                if not started:
+                if started:
+                    await trio.lowlevel.checkpoint()  # (let the new uploads run)
+                else:
                     await self._wait_change()
 
     def _retrying(self, exc: BaseException) -> None:

@@ -117,10 +117,15 @@ class Node:
     def attr(self) -> Attr:
         r = self.record
         blocks = 0
-        if self.is_reg:
-            stored = len(r.inline or b"")
-            stored += sum(c.length for i, c in r.chunks.items() if i not in self.dirty)
-            stored += sum(len(b) for b in self.dirty.values())
+        if stat.S_ISREG(r.mode):
+            # (readdir asks this of every entry: no generators for the usual
+            # small file, inline or one chunk and nothing dirty)
+            stored = len(r.inline) if r.inline else 0
+            if self.dirty:
+                stored += sum(c.length for i, c in r.chunks.items() if i not in self.dirty)
+                stored += sum(len(b) for b in self.dirty.values())
+            elif r.chunks:
+                stored += sum(c.length for c in r.chunks.values())
             blocks = -(-min(stored, r.size) // 512)
         return Attr(
             ino=r.ino,
