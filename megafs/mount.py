@@ -100,7 +100,8 @@ def check_mountpoint(path: Path) -> None:
 
 class _Ops(Operations):
     """Adds control attributes on the root, answered but never listed:
-    ``user.megafs.pid`` (the daemon's pid) and ``user.megafs.status`` (JSON)."""
+    ``user.megafs.pid`` (the daemon's pid), ``user.megafs.status`` (JSON) and
+    ``user.megafs.status.wait`` (the same, and uploads start at once)."""
 
     def __init__(
         self,

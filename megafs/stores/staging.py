@@ -20,12 +20,14 @@ path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
 When. Uploads wait for writes to pause: a round of uploads starts once nothing has
 been staged for ``upload_quiet`` seconds (default 1 s), or when ``UPLOAD_EAGER_BYTES``
 wait (half the cap, if less), or when the oldest waiting operation has waited
-``UPLOAD_MAX_DELAY`` times ``upload_quiet`` (5 s), or at once while anyone waits for the queue
-(:meth:`wait_idle`: unmount, ``fsync=remote``, conditional writes) or once asked
-(:meth:`upload_now`: ``megafs status --wait-idle``, ``megafs umount``). A burst of writes
-(``tar x``, a checkout, a build) so has the CPU and the disk to itself and is
-uploaded right after it, like rclone's ``--vfs-write-back``; a large copy is uploaded
-while it runs. A round, once started, runs until the queue is empty.
+``UPLOAD_MAX_DELAY`` times ``upload_quiet`` (5 s), or at once while anyone waits for
+the queue (:meth:`wait_idle`: unmount, ``fsync=remote``, conditional writes) or once
+asked (:meth:`upload_now`: ``megafs status --wait-idle``, ``megafs umount``). A burst
+of writes (``tar x``, a checkout, a build) so has the CPU and the disk to itself and
+is uploaded right after it, like rclone's ``--vfs-write-back``; a large copy is
+uploaded while it runs. A round, once started, runs until the queue is empty. Staged
+operations are durable locally either way: the delay only decides when the store
+gets them.
 
 Durability. Staged files are written to a temporary name and renamed, so a killed
 process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
