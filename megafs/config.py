@@ -119,6 +119,30 @@ _IGNORED = {
 _NAMED_ELSEWHERE = {"subtype", "comment"}
 
 
+# Options given in seconds: name -> (lowest, highest, whether the lowest itself is allowed).
+_SECONDS: dict[str, tuple[float, float, bool]] = {
+    "dir_cache_time": (0, 86400, True),
+    "commit_interval": (0, 3600, False),
+    "upload_delay": (0, 3600, True),
+    "store_latency": (0, 3600, True),
+    "mount_timeout": (0, float("inf"), False),
+}
+
+
+def _seconds(name: str, value: str) -> float:
+    """The value of seconds-valued option ``name`` (see _SECONDS), checked."""
+    low, high, low_ok = _SECONDS[name]
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(f"{name}={value}: not a number of seconds") from None
+    if not (low <= seconds if low_ok else low < seconds) or not seconds <= high:
+        above = f"at least {low:g}" if low_ok else f"more than {low:g}"
+        upto = "" if high == float("inf") else f" and at most {high:g}"
+        raise UsageError(f"{name} must be {above}{upto} seconds")
+    return seconds
+
+
 def parse_options(specs: list[str]) -> MountOptions:
     """Parse ``-o a,b=c`` strings; an unknown option is a :class:`UsageError`."""
     opts = MountOptions()
@@ -131,32 +155,8 @@ def parse_options(specs: list[str]) -> MountOptions:
                 opts.allow_other = True
             elif name == "cache_dir" and value:
                 opts.cache_dir = Path(value).expanduser()
-            elif name == "dir_cache_time" and value:
-                try:
-                    opts.dir_cache_time = float(value)
-                except ValueError:
-                    raise UsageError(f"dir_cache_time={value}: not a number") from None
-                if not 0 <= opts.dir_cache_time <= 86400:
-                    raise UsageError("dir_cache_time must be between 0 and 86400 seconds")
-            elif name == "commit_interval" and value:
-                try:
-                    opts.commit_interval = float(value)
-                except ValueError:
-                    raise UsageError(f"commit_interval={value}: not a number") from None
-                if not 0 < opts.commit_interval <= 3600:
-                    raise UsageError("commit_interval must be between 0 and 3600 seconds")
-            elif name == "upload_delay" and value:
-                try:
-                    opts.upload_delay = float(value)
-                except ValueError:
-                    raise UsageError(f"upload_delay={value}: not a number") from None
-                if not 0 <= opts.upload_delay <= 3600:
-                    raise UsageError("upload_delay must be between 0 and 3600 seconds")
-            elif name == "store_latency" and value:
-                try:
-                    opts.store_latency = float(value)
-                except ValueError:
-                    raise UsageError(f"store_latency={value}: not a number of seconds") from None
+            elif name in _SECONDS and value:
+                setattr(opts, name, _seconds(name, value))
             elif name == "store_bandwidth" and value:
                 opts.store_bandwidth = parse_size(value, name)
             elif name in ("cache_size", "staging_size") and value:
@@ -173,13 +173,6 @@ def parse_options(specs: list[str]) -> MountOptions:
                 opts.fsname = value
             elif name == "passphrase_file" and value:
                 opts.passphrase_file = Path(value)
-            elif name == "mount_timeout" and value:
-                try:
-                    opts.mount_timeout = float(value)
-                except ValueError:
-                    raise UsageError(f"mount_timeout={value}: not a number") from None
-                if not opts.mount_timeout > 0:
-                    raise UsageError("mount_timeout must be a positive number of seconds")
             elif name in ("noexec", "nosuid", "nodev"):
                 opts.mount_flags.add(name)
             elif name == "passphrase":

@@ -292,8 +292,22 @@ def test_options_parsed_the_fstab_way() -> None:
     assert {"subtype=megafs", "fsname=drive", "noexec"} <= fuse
     assert not {"dev", "suid", "rw", "_netdev", "nofail", "subtype=other"} & fuse
     assert "fsname=file:///srv/v" in parse_options(["ro"]).fuse_options("file:///srv/v")
-    with pytest.raises(UsageError, match="mount_timeout"):
+    with pytest.raises(UsageError, match="mount_timeout must be more than 0 seconds"):
         parse_options(["mount_timeout=0"])
+    seconds = parse_options(["upload_delay=0,commit_interval=0.5,dir_cache_time=86400"])
+    assert (seconds.upload_delay, seconds.commit_interval, seconds.dir_cache_time) == (
+        0,
+        0.5,
+        86400,
+    )
+    for bad, why in [
+        ("commit_interval=0", "more than 0 and at most 3600"),
+        ("upload_delay=-1", "at least 0 and at most 3600"),
+        ("dir_cache_time=86401", "at most 86400"),
+        ("store_latency=soon", "store_latency=soon: not a number of seconds"),
+    ]:
+        with pytest.raises(UsageError, match=why):
+            parse_options([bad])
 
 
 def test_mount_fuse3_calling_form() -> None:

@@ -234,12 +234,9 @@ class Vfs:
                 except MegafsError as exc:
                     errors.append(exc)
 
-        if len(inos) <= 1:
-            await worker()
-        else:
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(FLUSH_CONCURRENCY, len(inos))):
-                    nursery.start_soon(worker)
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(FLUSH_CONCURRENCY, len(inos))):
+                nursery.start_soon(worker)
         if errors:
             raise errors[0]
 
