@@ -379,7 +379,7 @@ def run_foreground(
         if error is None:
             sdnotify.notify("READY=1")
 
-    memory.limit_arenas()  # before trio starts threads (see megafs.memory)
+    memory.keep_chunk_buffers()  # before trio starts threads (see megafs.memory)
     trio.run(serve, store_url, mountpoint, passphrase, opts, ready_and_notify)
 
 

@@ -18,16 +18,18 @@ store has already (same key and size) is not uploaded again (dedup, off the writ
 path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
 
 When. Uploads wait for writes to pause: a round of uploads starts once nothing has
-been staged for ``upload_quiet`` seconds (default 1 s), or when ``UPLOAD_EAGER_BYTES``
-wait (half the cap, if less), or when the oldest waiting operation has waited
+been staged for ``upload_quiet`` seconds (default 1 s), or when half the cap
+(``max_pending_bytes``) waits, or when the oldest waiting operation has waited
 ``UPLOAD_MAX_DELAY`` times ``upload_quiet`` (5 s), or at once while anyone waits for
 the queue (:meth:`wait_idle`: unmount, ``fsync=remote``, conditional writes) or once
 asked (:meth:`upload_now`: ``megafs status --wait-idle``, ``megafs umount``). A burst
 of writes (``tar x``, a checkout, a build) so has the CPU and the disk to itself and
-is uploaded right after it, like rclone's ``--vfs-write-back``; a large copy is
-uploaded while it runs. A round, once started, runs until the queue is empty. Staged
-operations are durable locally either way: the delay only decides when the store
-gets them.
+is uploaded right after it, like rclone's ``--vfs-write-back``; so is a large file
+written in less than 5 s (hashing and sealing it keep both cores of a small machine
+busy: measured on S3 with 20 ms latency, 1 GiB of new data written in 9.0 s while
+uploading, 3.1 s without); a longer copy is uploaded while it runs. A round, once
+started, runs until the queue is empty. Staged operations are durable locally either
+way: the delay only decides when the store gets them.
 
 Durability. Staged files are written to a temporary name and renamed, so a killed
 process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
@@ -82,7 +84,6 @@ INLINE_IO_MAX: Final = 256 * 1024
 #: request's CPU), and most small objects are new.
 DEDUP_CHECK_MIN: Final = 1 << 20
 UPLOAD_QUIET: Final = 1.0  # see "When" above
-UPLOAD_EAGER_BYTES: Final = 64 << 20
 UPLOAD_MAX_DELAY: Final = 5  # times upload_quiet
 _HEAD = struct.Struct(">4scH")
 
@@ -462,7 +463,7 @@ class StagingStore:
     async def _wait_round(self) -> None:
         """Return when a round of uploads may start (see "When" in the module
         docstring)."""
-        eager = min(UPLOAD_EAGER_BYTES, self.max_pending_bytes // 2)
+        eager = self.max_pending_bytes // 2
         while self._order and not (self._hurry or self._now) and self.pending_bytes < eager:
             oldest = next(iter(self._order.values())).staged
             quiet = self.upload_quiet
