@@ -201,6 +201,54 @@ def test_back_pressure(tmp_path: Path) -> None:
     trio.run(main)
 
 
+class _CountingStore(FaultyStore):
+    """Counts the bytes of the puts in progress at once (each holds its data)."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryStore())
+        self.sending = self.peak = 0
+        self.alongside: dict[str, int] = {}  # key -> bytes in flight when its put began
+
+    async def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        self.sending += len(data)
+        self.peak = max(self.peak, self.sending)
+        self.alongside[key] = self.sending - len(data)
+        try:
+            await trio.sleep(0.01)
+            return await super().put(key, data, if_none_match=if_none_match, if_match=if_match)
+        finally:
+            self.sending -= len(data)
+
+
+def test_uploads_in_flight_hold_a_bounded_number_of_bytes(tmp_path: Path) -> None:
+    """Many large staged objects are uploaded a budget of bytes at a time, not
+    ``concurrency`` at once (each upload holds its object in memory); one object
+    larger than the budget still goes."""
+
+    async def main() -> None:
+        remote = _CountingStore()
+        s = StagingStore(
+            remote, tmp_path, is_barrier=_barrier, concurrency=32, bytes_in_flight=250_000
+        )
+        for i in range(30):
+            await s.put(f"c/{i:03d}", bytes([i]) * 100_000)
+        await s.put("c/huge", b"h" * 400_000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            await s.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert remote.calls["put"] == 31
+        small = max(v + 100_000 for k, v in remote.alongside.items() if k != "c/huge")
+        assert 200_000 <= small <= 250_000  # two at a time: within the budget, and in parallel
+        assert remote.peak == 400_000 and remote.alongside["c/huge"] == 0  # alone
+        assert await remote.inner.get("c/029") == bytes([29]) * 100_000
+        assert await remote.inner.get("c/huge") == b"h" * 400_000
+
+    trio.run(main)
+
+
 def test_staged_ranges_and_files_of_the_previous_format(tmp_path: Path) -> None:
     """A range of a pending object is read without reading the rest; a staging area
     written by the previous version (``MFS1``: SHA-256 checksums) is resumed, and a
