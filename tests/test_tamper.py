@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from conftest import PASSPHRASE, TEST_KDF
 
 from megafs.errors import CorruptHeader, IntegrityError, ObjectNotFound, WrongPassphrase
@@ -144,6 +145,28 @@ def test_directory_rollback_refused_across_remount(tmp_path: Path) -> None:
         # A client that never saw the newer version cannot tell, by design.
         vfs3 = await _open(store, tmp_path / "other-state")
         assert await _read(vfs3, inos["a"], b"small") == b"small a"
+
+    run(main)
+
+
+def test_rollback_table_saves_overlapping_commits_in_order(tmp_path: Path) -> None:
+    """Two saves of the rollback table at once (its file is written in a worker
+    thread): the second waits for the first and writes the newer table, so the file
+    ends up with every version seen."""
+
+    async def main() -> None:
+        store = MemoryStore()
+        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        volume = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
+        volume._check_version("d/one", 3)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(volume.save_state)
+            await trio.testing.wait_all_tasks_blocked()  # the first is in its thread
+            volume._check_version("d/two", 7)
+            nursery.start_soon(volume.save_state)
+        assert not volume._state_dirty
+        again = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
+        assert again._seen["d/one"] == 3 and again._seen["d/two"] == 7
 
     run(main)
 

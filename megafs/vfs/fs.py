@@ -244,7 +244,7 @@ class Vfs:
         """Final flush and commit (unmount)."""
         if not self.read_only:
             await self.sync()
-        self.volume.save_state()
+        await self.volume.save_state()
 
     def dirty_file_count(self) -> int:
         """Files with changes not yet in the staging area / on the store."""
@@ -1089,7 +1089,7 @@ class Vfs:
                 # staging area: a version it records but a power loss took away
                 # would read as a rollback at the next mount.
                 await self.writeback.sync()
-            self.volume.save_state()
+            await self.volume.save_state()
 
     async def _put_all(self, batch: list[tuple[SealedObject, Node]]) -> None:
         async def put(obj: SealedObject, node: Node) -> None:

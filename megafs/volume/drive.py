@@ -63,6 +63,22 @@ class SealedObject:
     version: int
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a temporary file, fsynced, renamed over it
+    (a crash leaves the old file or the new one)."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @final
 class Volume:
     """An unlocked volume on a store."""
@@ -86,6 +102,7 @@ class Volume:
         # Rollback table: object key -> highest version seen or written.
         self._seen: dict[str, int] = {}
         self._state_dirty = False
+        self._state_lock = trio.Lock()  # see save_state
         # Chunk ids stored through this volume already (not stored again).
         self._known_chunks: set[bytes] = set()
         self._load_state()
@@ -168,28 +185,31 @@ class Volume:
             # Losing the table weakens rollback detection but loses no data.
             log.warning("rollback table %s unreadable (%s); starting afresh", path, exc)
 
-    def save_state(self) -> None:
-        """Persist the rollback table (sealed) if it changed. Synchronous, small.
-        A failing local disk raises :class:`NoSpace` (full) or :class:`StoreError`;
-        the table stays marked changed, so the next commit saves it again."""
+    async def save_state(self) -> None:
+        """Persist the rollback table (sealed) if it changed; the file is written and
+        fsynced in a worker thread, so a slow local disk does not hold up the event
+        loop (every commit saves it). A failing local disk raises :class:`NoSpace`
+        (full) or :class:`StoreError`; the table stays marked changed, so the next
+        commit saves it again.
+
+        Concurrency: ``_state_lock`` serialises savers, and each takes its snapshot
+        of the table under it, so the file on disk is never older than one written
+        before it. Versions seen during the write mark the table changed again."""
         path = self._state_path()
         if path is None or not self._state_dirty:
             return
-        ad = context(KIND_CACHE, self.volume_id, "versions")
-        blob = seal(self._cache_aead, json.dumps(self._seen).encode(), ad)
-        tmp = path.with_suffix(".tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            kind = NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
-            raise kind(f"rollback table {path}: {exc.strerror or exc}") from exc
-        self._state_dirty = False
+        async with self._state_lock:
+            if not self._state_dirty:
+                return  # (saved by the caller we waited for)
+            ad = context(KIND_CACHE, self.volume_id, "versions")
+            blob = seal(self._cache_aead, json.dumps(self._seen).encode(), ad)
+            self._state_dirty = False
+            try:
+                await trio.to_thread.run_sync(_write_durably, path, blob)
+            except OSError as exc:
+                self._state_dirty = True
+                kind = NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+                raise kind(f"rollback table {path}: {exc.strerror or exc}") from exc
 
     def _check_version(self, key: str, version: int) -> None:
         seen = self._seen.get(key, 0)
@@ -356,5 +376,5 @@ class Volume:
         )
 
     async def aclose(self) -> None:
-        self.save_state()
+        await self.save_state()
         await self.store.aclose()
