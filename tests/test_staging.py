@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from megafs.errors import ObjectNotFound, StoreUnavailable
 from megafs.stores import MemoryStore
@@ -245,6 +249,58 @@ def test_uploads_in_flight_hold_a_bounded_number_of_bytes(tmp_path: Path) -> Non
         assert remote.peak == 400_000 and remote.alongside["c/huge"] == 0  # alone
         assert await remote.inner.get("c/029") == bytes([29]) * 100_000
         assert await remote.inner.get("c/huge") == b"h" * 400_000
+
+    trio.run(main)
+
+
+def test_a_sync_returns_once_everything_staged_before_it_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each sync fsyncs only what was staged since the last one took its list; a
+    sync that starts while another is still fsyncing waits for it, and a failed one
+    leaves its entries to the next."""
+    real_fsync = os.fsync
+    calls: list[str] = []
+    fail = [False]
+    slow = ["0000000000000001.op"]  # the first staged file
+
+    def slow_fsync(fd: int) -> None:
+        calls.append("fsync")
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(slow[0]):
+            time.sleep(0.5)  # the first sync's file (in its worker thread)
+        if fail[0]:
+            fail[0] = False
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    async def main() -> None:
+        s = StagingStore(MemoryStore(), tmp_path, is_barrier=_barrier)
+        monkeypatch.setattr("megafs.stores.staging.os.fsync", slow_fsync)
+        first = await s.put("c/1", b"one")
+        second_done: list[bool] = []
+
+        async def second() -> None:
+            await s.put("c/2", b"two")
+            await s.sync()
+            second_done.append(all(e.synced for e in s._order.values()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.sync)
+            await trio.testing.wait_all_tasks_blocked()  # the first sync is fsyncing
+            nursery.start_soon(second)
+        assert second_done == [True]
+        assert first and not s._unsynced
+        # A failed sync: its entries are fsynced by the next one.
+        await s.put("c/3", b"three")
+        fail[0] = True
+        with pytest.raises(OSError):
+            await s.sync()
+        assert [e.key for e in s._order.values() if not e.synced] == ["c/3"]
+        n = len(calls)
+        await s.sync()
+        assert len(calls) > n and all(e.synced for e in s._order.values())
+        await s.sync()  # nothing new: no fsync at all
+        assert len(calls) == n + 2  # (c/3 and the directory)
 
     trio.run(main)
 

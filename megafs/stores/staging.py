@@ -63,7 +63,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
@@ -247,6 +247,10 @@ class StagingStore:
         self._sending = 0  # bytes of the uploads in flight (the uploader's; see run_uploader)
         self._entries: dict[str, _Entry] = {}
         self._order: dict[int, _Entry] = {}  # seq -> entry, not yet uploaded (insertion order)
+        # Entries staged since the last sync took its list (sync: no walk of the
+        # whole queue per fsync, however long the backlog); _sync_lock serialises syncs.
+        self._unsynced: list[_Entry] = []
+        self._sync_lock = trio.Lock()
         self._next_seq = 1
         self.pending_bytes = 0
         self._changed = trio.Event()
@@ -301,6 +305,8 @@ class StagingStore:
             return
         self._entries[entry.key] = entry
         self._order[entry.seq] = entry
+        if not entry.synced:
+            self._unsynced.append(entry)
         self.pending_bytes += entry.size
         self._changed.set()
 
@@ -422,11 +428,26 @@ class StagingStore:
     # ---------------------------------------------------------------- durability
 
     async def sync(self) -> None:
-        """Make everything staged so far durable on local disk."""
-        todo = [e for e in self._order.values() if not e.synced]
-        if not todo:
-            return
+        """Make everything staged so far durable on local disk.
 
+        Concurrency: one sync at a time (``_sync_lock``), each taking the entries
+        staged since the one before. So a caller returns only once everything staged
+        before its call is durable: entries another sync is fsyncing meanwhile are
+        done when the lock is ours. A failed sync gives its entries back."""
+        async with self._sync_lock:
+            todo = [e for e in self._unsynced if not e.done]  # (uploaded: nothing to do)
+            self._unsynced = []
+            if not todo:
+                return
+            try:
+                await self._fsync_entries(todo)
+            except BaseException:
+                self._unsynced[:0] = todo
+                raise
+            for e in todo:
+                e.synced = True
+
+    async def _fsync_entries(self, todo: Sequence[_Entry]) -> None:
         def fsync_all() -> None:
             if len(todo) > 8 and _syncfs(self.directory):
                 return  # one syncfs beats thousands of fsyncs
@@ -446,8 +467,6 @@ class StagingStore:
                 os.close(dfd)
 
         await trio.to_thread.run_sync(fsync_all)
-        for e in todo:
-            e.synced = True
 
     async def _wait_change(self) -> None:
         self._changed = trio.Event() if self._changed.is_set() else self._changed
