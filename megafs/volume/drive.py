@@ -206,8 +206,10 @@ class Volume:
             self._state_dirty = False
             try:
                 await trio.to_thread.run_sync(_write_durably, path, blob)
-            except OSError as exc:
-                self._state_dirty = True
+            except BaseException as exc:
+                self._state_dirty = True  # (whatever stopped it: saved again next time)
+                if not isinstance(exc, OSError):
+                    raise
                 kind = NoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
                 raise kind(f"rollback table {path}: {exc.strerror or exc}") from exc
 
