@@ -280,6 +280,43 @@ def test_power_loss_after_a_commit_leaves_a_volume_that_opens(tmp_path: Path) ->
     trio.run(main)
 
 
+# -- a chunk changed in place, again and again (a database) ----------------------------
+
+
+def test_a_chunk_changed_in_place_is_not_read_back_for_the_next_change() -> None:
+    """Changing part of a stored chunk reads it back once; the chunk stored after the
+    change stays in the memory cache, so the next change (the next transaction)
+    finds it there instead of fetching the object it just stored."""
+    ctx = Ctx(0, 0)
+
+    async def main() -> None:
+        faulty = FaultyStore(MemoryStore())
+        await Volume.create(faulty, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        vfs = Vfs(await Volume.open(faulty, PASSPHRASE.encode()))
+        await vfs.start()
+        fh, _ = await vfs.create(ROOT_INO, b"db", 0o644, os.O_RDWR, ctx)
+        data = bytearray(_data("db", 300_000))
+        await vfs.write(fh, 0, bytes(data))
+        await vfs.fsync(fh)
+        gets = []
+        for k in range(5):
+            page, off = b"page %d " % k * 500, 10_000 + k * 50_000
+            await vfs.write(fh, off, page)
+            data[off : off + len(page)] = page
+            await vfs.fsync(fh)
+            gets.append(faulty.calls["get"])
+        assert gets[0] >= 1 and gets == gets[:1] * 5, gets  # the first change only
+        assert await vfs.read(fh, 0, len(data) + 1) == data
+        await vfs.release(fh)
+        await vfs.close()
+        fresh = Vfs(await Volume.open(faulty, PASSPHRASE.encode()))
+        await fresh.start()
+        f2 = await fresh.open((await fresh.lookup(ROOT_INO, b"db")).ino, os.O_RDONLY)
+        assert await fresh.read(f2, 0, len(data) + 1) == data
+
+    trio.run(main)
+
+
 # -- a stalled store ------------------------------------------------------------------
 
 

@@ -255,6 +255,13 @@ class ChunkCache:
     def in_memory(self, ref: ChunkRef, j: int) -> bool:
         return self.key(ref, j) in self._memory
 
+    def remember_plaintext(self, ref: ChunkRef, plaintext: bytes | bytearray) -> None:
+        """Keep the plaintext of a whole chunk just stored in the memory tier (its
+        blocks, copied: the caller's buffer may change afterwards)."""
+        bs = fchunks.BLOCK_SIZE
+        view = memoryview(plaintext)[: ref.length]
+        self._remember(ref, 0, [bytes(view[k : k + bs]) for k in range(0, len(view), bs)])
+
     def _remember(self, ref: ChunkRef, first: int, blocks: list[bytes]) -> None:
         for j, data in enumerate(blocks, first):
             if len(data) <= self._memory.maxsize:

@@ -112,6 +112,7 @@ async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
             ref = r.chunks.get(i)
             if ref is not None and not (lo == 0 and n >= ref.length):
                 buf = bytearray(await vol.read_chunk(ref, 0, ref.length))
+                node.reloaded.add(i)
             elif lo == 0 and n >= PREALLOCATE_MIN:
                 # A streaming writer (big pieces from the chunk's start): the whole
                 # chunk at once, filled in place. Growing a bytearray piece by piece
@@ -196,7 +197,15 @@ async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
     else:
         # No copy: nothing changes this buffer until it leaves ``dirty`` (writers
         # of this chunk wait for ``flushing``; everything else holds the lock).
-        node.record.chunks[i] = await vol.write_chunk(buf)
+        ref = node.record.chunks[i] = await vol.write_chunk(buf)
+        if i in node.reloaded:
+            # A chunk changed in place (read, changed, stored: a database's pages)
+            # is likely to be changed again soon: its plaintext stays in the memory
+            # cache, so the next change finds it there instead of reading the new
+            # object back (a staged-file read, opening it, a cache-file write).
+            # Streaming writes never come here.
+            vol.cache.remember_plaintext(ref, buf)
+    node.reloaded.discard(i)
     node.dirty.pop(i, None)
 
 

@@ -70,6 +70,9 @@ class Node:
     loading: trio.Event | None = None
     # Files: chunk index -> full current plaintext of that chunk (dirty, not stored).
     dirty: dict[int, bytearray] = field(default_factory=dict)
+    # Chunk indexes whose dirty buffer was read from the stored chunk to change it
+    # in place (see content.flush_chunk).
+    reloaded: set[int] = field(default_factory=set)
     # The content (size, chunks, inline bytes) as of the last complete flush: every
     # chunk it names is stored, so it is what a metadata commit writes. ``None``
     # means "same as the record" (nothing changed since).
