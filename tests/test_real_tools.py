@@ -341,8 +341,8 @@ def test_cp_a_preserves_everything(mount: Mount, tmp_path: Path) -> None:
 
 # Per database. Every transaction is fsynced through the mount (synchronous=FULL, the
 # default): 3 fsyncs of ~4 ms each per transaction in rollback-journal mode (15-20 ms
-# a transaction on this 2-core VM). 900 (the WAL database checkpoints every ~40 of
-# them) keeps both tests within ~30 s of the suite's 15-minute budget.
+# a transaction on this 2-core VM). 900 keep both tests within ~30 s of the suite's
+# 15-minute budget, and still take the WAL database through many checkpoints.
 SQLITE_TXNS = 900
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from megafs.format.chunks import CHUNK_SIZE, SEALED_BLOCK_SIZE
 from megafs.stores import MemoryStore
 from megafs.testing import FaultyStore
 from megafs.vfs.fs import Ctx, Vfs
+from megafs.volume import drive
 from megafs.volume.drive import Volume
 
 CTX = Ctx(0, 0, 0o022)
@@ -149,10 +151,22 @@ def test_directory_rollback_refused_across_remount(tmp_path: Path) -> None:
     run(main)
 
 
-def test_rollback_table_saves_overlapping_commits_in_order(tmp_path: Path) -> None:
+def test_rollback_table_saves_overlapping_commits_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two saves of the rollback table at once (its file is written in a worker
-    thread): the second waits for the first and writes the newer table, so the file
-    ends up with every version seen."""
+    thread, here the first one slowly): the second waits for the first and writes
+    the newer table, so the file ends up with every version seen."""
+    real_write = drive._write_durably
+    writes: list[bytes] = []
+
+    def slow_first_write(path: Path, data: bytes) -> None:
+        writes.append(data)
+        if len(writes) == 1:
+            time.sleep(0.3)
+        real_write(path, data)
+
+    monkeypatch.setattr(drive, "_write_durably", slow_first_write)
 
     async def main() -> None:
         store = MemoryStore()
@@ -164,7 +178,7 @@ def test_rollback_table_saves_overlapping_commits_in_order(tmp_path: Path) -> No
             await trio.testing.wait_all_tasks_blocked()  # the first is in its thread
             volume._check_version("d/two", 7)
             nursery.start_soon(volume.save_state)
-        assert not volume._state_dirty
+        assert not volume._state_dirty and len(writes) == 2
         again = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
         assert again._seen["d/one"] == 3 and again._seen["d/two"] == 7
 

@@ -109,6 +109,7 @@ async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
             await ev.wait()  # a chunk being stored is never changed under it
         buf = node.dirty.get(i)
         if buf is None:
+            node.reloaded.discard(i)  # (left by a buffer that truncate or a drop took)
             ref = r.chunks.get(i)
             if ref is not None and not (lo == 0 and n >= ref.length):
                 buf = bytearray(await vol.read_chunk(ref, 0, ref.length))
