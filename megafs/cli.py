@@ -80,6 +80,8 @@ fields of --json (bytes, seconds, Unix times):
   cache_bytes, cache_max_bytes, cache_hits, cache_misses
   cache_hit_rate        hits / lookups of the block cache (null: no lookup yet)
   dir_objects_cached    directory objects in memory (MEGA: every folder)
+  fuse_requests         kernel requests read since the mount (null: not counted,
+                        pyfuse3's own request loop in use)
   last_error            the store's last error (null: none this mount); kept until
                         a newer one replaces it, never cleared
   last_error_time       when it happened

@@ -14,11 +14,13 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Sequence
+import types
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from megafs import fuse_loop
 from megafs.errors import FsError, MegafsError, errno_for
 from megafs.mega.fs import MegaVfs
 from megafs.vfs.fs import Ctx, Vfs
@@ -61,13 +63,39 @@ def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any
         if log.isEnabledFor(logging.DEBUG):  # -o debug: one line per request
             return await _traced(fn, params, *args, **kwargs)
         try:
-            return await fn(*args, **kwargs)
+            return await _run_inline(fn(*args, **kwargs))
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
             raise _fuse_error(name, exc) from None
 
     return wrapper
+
+
+@types.coroutine
+def _run_inline(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
+    """Await ``coro``; the first time it suspends (waits for a store, a thread, a
+    lock), first wake another FUSE worker to read requests meanwhile: the worker
+    running a handler is the device's reader otherwise (:mod:`megafs.fuse_loop`).
+    Sends and throws pass through unchanged, as ``await`` would."""
+    try:
+        step = coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    fuse_loop.handler_suspends()
+    while True:
+        try:
+            sent = yield step
+        except BaseException as exc:  # a cancellation or close, thrown in by trio
+            try:
+                step = coro.throw(exc)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                step = coro.send(sent)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
 
 
 def _fuse_error(name: str, exc: Exception) -> pyfuse3.FUSEError:
@@ -88,7 +116,7 @@ async def _traced(
     call = _describe_call(fn.__name__, params, args)
     start = time.monotonic()
     try:
-        result = await fn(*args, **kwargs)
+        result = await _run_inline(fn(*args, **kwargs))
     except Exception as exc:
         err = exc if isinstance(exc, pyfuse3.FUSEError) else _fuse_error(fn.__name__, exc)
         ms = (time.monotonic() - start) * 1000

@@ -32,7 +32,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from megafs import exitcodes, memory, sdnotify
+from megafs import exitcodes, fuse_loop, memory, sdnotify
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
@@ -65,9 +65,14 @@ class MountError(OpenError):
     exit_code = exitcodes.MOUNTPOINT_ERROR
 
 
-def mounted_at(path: Path) -> bool:
-    """Whether something is mounted exactly at ``path`` (from /proc/self/mountinfo)."""
-    target = os.path.realpath(path)
+def mounted_at(path: Path, resolved: bool = False) -> bool:
+    """Whether something is mounted exactly at ``path`` (from /proc/self/mountinfo).
+
+    ``resolved``: ``path`` is already absolute and free of symlinks, so it is not
+    looked at. The daemon must say so for its own mountpoint once its request loop
+    has ended: resolving the path stats the mount's root, a request nobody would
+    answer (the daemon hung there on SIGTERM)."""
+    target = str(path) if resolved else os.path.realpath(path)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -145,6 +150,7 @@ async def serve(
 ) -> None:
     """Unlock, mount and serve until unmounted. ``ready(None)`` once live, or
     ``ready(error)`` on failure before that (then the error is raised too)."""
+    mountpoint = Path(os.path.realpath(mountpoint))  # while nothing is mounted there
     if store_url.startswith("mega://"):
         from megafs.mega.mount import serve_mega
 
@@ -194,14 +200,14 @@ async def serve(
                 await inner.start(vfs.run_committer)
                 await inner.start(vfs.run_refresher)
                 inner.start_soon(_raise_read_ahead, mountpoint)
-                inner.start_soon(_on_signal, pyfuse3.terminate)
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                inner.start_soon(_on_signal, fuse_loop.terminate)
+                await fuse_loop.main(max_tasks=64)
                 inner.cancel_scope.cancel()
         finally:
             sdnotify.notify("STOPPING=1")
             # Unmount first (so nothing new arrives), then the final commit.
             try:
-                pyfuse3.close(unmount=mounted_at(mountpoint))
+                pyfuse3.close(unmount=mounted_at(mountpoint, resolved=True))
             except Exception:
                 log.exception("closing the FUSE session")
             with trio.CancelScope(shield=True):
@@ -295,7 +301,10 @@ async def _raise_read_ahead(mountpoint: Path) -> None:
     128 KiB, which caps sequential reads). Runs once the session serves requests:
     the stat() goes through this very filesystem."""
     try:
-        dev = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
+        # Abandoned if cancelled: a signal may end the request loop before this
+        # stat() is answered, and waiting for it would hang the exit.
+        stat_result = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        dev = stat_result.st_dev
         path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
         if path.exists():
             await trio.to_thread.run_sync(path.write_text, str(READ_AHEAD_KB))
@@ -348,6 +357,7 @@ class _StatusView:
             "cache_misses": self.cache.misses,
             "cache_hit_rate": hit_rate(self.cache.hits, self.cache.misses),
             "dir_objects_cached": self.vfs.dir_objects_cached(),
+            "fuse_requests": fuse_loop.requests_taken(),
             "last_error": last_error,
             "last_error_time": last_time,
             "last_error_recovered": last_time is not None

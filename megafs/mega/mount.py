@@ -21,7 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from megafs import sdnotify
+from megafs import fuse_loop, sdnotify
 from megafs.config import MountOptions
 from megafs.errors import MegafsError
 from megafs.kernel_cache import invalidate
@@ -102,7 +102,7 @@ async def serve_mega(
     ready: Callable[[MegafsError | None], None],
     ops_factory: Callable[[MegaVfs, Callable[[], dict[str, object]]], Any],
 ) -> None:
-    """Like :func:`megafs.mount.serve`, for a MEGA account."""
+    """Like :func:`megafs.mount.serve`, for a MEGA account (``mountpoint`` resolved)."""
     api: MegaApi | None = None
     try:
         check_mountpoint(mountpoint)
@@ -141,6 +141,7 @@ async def serve_mega(
                 "cache_misses": cache.misses,
                 "cache_hit_rate": hit_rate(cache.hits, cache.misses),
                 "dir_objects_cached": vfs.folder_count(),
+                "fuse_requests": fuse_loop.requests_taken(),
                 "last_error": errors.last,
                 "last_error_time": errors.time,
                 "last_error_recovered": errors.recovered,
@@ -175,15 +176,15 @@ async def serve_mega(
         async with trio.open_nursery() as n:
             await n.start(vfs.run)
             n.start_soon(_raise_read_ahead, mountpoint)
-            n.start_soon(_on_signal, pyfuse3.terminate)
+            n.start_soon(_on_signal, fuse_loop.terminate)
             if sdnotify.enabled():  # systemd Type=notify: STATUS= with the backlog
                 n.start_soon(report_status, status)
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            await fuse_loop.main(max_tasks=64)
             n.cancel_scope.cancel()
     finally:
         sdnotify.notify("STOPPING=1")
         try:
-            pyfuse3.close(unmount=mounted_at(mountpoint))
+            pyfuse3.close(unmount=mounted_at(mountpoint, resolved=True))
         except Exception:
             log.exception("closing the FUSE session")
         with trio.CancelScope(shield=True):

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, final
 
+import trio
+
 from megafs.sdk._errors import mapped, path_error
 from megafs.sdk._types import StatResult
 
@@ -93,6 +95,10 @@ class File:
         parts: list[bytes] = []
         with mapped(self.name):
             while size > 0:
+                # A checkpoint per piece: reads of cached data need not yield
+                # (a file's content lock is taken without one), and the committer,
+                # uploads and read-ahead must run meanwhile.
+                await trio.lowlevel.checkpoint()
                 piece = await self._fs.read(self._fh, self._pos, min(size, IO_PIECE))
                 if not piece:
                     break
@@ -111,6 +117,7 @@ class File:
                 self._pos = await self._size()
             done = 0
             while done < len(view):
+                await trio.lowlevel.checkpoint()  # as in read()
                 piece = bytes(view[done : done + IO_PIECE])
                 n = await self._fs.write(self._fh, self._pos, piece)
                 self._pos += n
