@@ -1,9 +1,11 @@
-"""The pyfuse3 adapter: converts types and errors, nothing else.
+"""The pyfuse3 adapter: converts types and errors.
 
 pyfuse3 ends the whole filesystem on the first exception that is not a
 ``FUSEError``, so every handler goes through :func:`_guard`: domain errors become
 their errno (:func:`megafs.errors.errno_for`), anything unexpected becomes EIO with
-a logged traceback, and the mount lives on. ``forget`` never raises.
+a logged traceback, and the mount lives on. ``forget`` never raises. A handler
+that suspends first wakes another worker to read requests (:func:`_run_inline`,
+:mod:`megafs.fuse_loop`).
 """
 
 from __future__ import annotations
