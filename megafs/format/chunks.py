@@ -33,6 +33,8 @@ CHUNK_SIZE: Final = 4 * 1024 * 1024
 BLOCK_SIZE: Final = 64 * 1024
 SEALED_BLOCK_SIZE: Final = BLOCK_SIZE + OVERHEAD
 CHUNK_ID_SIZE: Final = 32
+#: A chunk's plaintext as written: one buffer, or pieces in order.
+ChunkContent = bytes | bytearray | list[bytes | memoryview]
 
 
 def chunk_id(id_key: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:

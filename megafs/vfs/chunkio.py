@@ -27,6 +27,7 @@ from typing import Protocol
 import trio
 
 from megafs.errors import MegafsError
+from megafs.format.chunks import ChunkContent
 from megafs.format.records import ChunkRef
 from megafs.vfs.chunkcache import ChunkCache
 
@@ -43,7 +44,7 @@ class ContentDrive(Protocol):
     @property
     def block_size(self) -> int: ...
 
-    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef: ...
+    async def write_chunk(self, plaintext: ChunkContent) -> ChunkRef: ...
 
     async def fetch_sealed(self, ref: ChunkRef, first: int, stop: int) -> bytes: ...
 
@@ -70,7 +71,7 @@ class ChunkIO:
         """Background fetches (read-ahead) run in ``nursery``."""
         self._nursery = nursery
 
-    async def write_chunk(self, plaintext: bytes | bytearray) -> ChunkRef:
+    async def write_chunk(self, plaintext: ChunkContent) -> ChunkRef:
         # Not cached here: until it is uploaded, reads find it in the staging area,
         # which then hands its file to the cache (ChunkCache.adopt).
         return await self.drive.write_chunk(plaintext)

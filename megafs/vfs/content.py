@@ -24,13 +24,17 @@ import trio
 
 from megafs.format.chunks import CHUNK_SIZE
 from megafs.vfs.chunkio import ChunkIO
-from megafs.vfs.node import Node
+from megafs.vfs.node import Node, Pieces
 
 INLINE_MAX: Final = 4096
 MAX_FLUSHING: Final = 2
-#: A write this large at a chunk's start allocates the whole chunk buffer at once.
+#: A write this large at a chunk's start begins a streaming chunk (node.Pieces): it
+#: and the writes that continue it at its end (each at least PIECE_MIN) are kept as
+#: they came, not copied into a buffer.
 PREALLOCATE_MIN: Final = 512 * 1024
-_ZEROS = memoryview(bytes(CHUNK_SIZE))
+PIECE_MIN: Final = 64 * 1024
+_ZERO_BYTES = bytes(CHUNK_SIZE)
+_ZEROS = memoryview(_ZERO_BYTES)
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +57,9 @@ async def read(vol: ChunkIO, node: Node, off: int, size: int) -> bytes:
         base = i * CHUNK_SIZE
         lo, hi = pos - base, min(base + CHUNK_SIZE, end) - base
         buf = node.dirty.get(i)
-        if buf is not None:
+        if isinstance(buf, Pieces):
+            piece = buf.read(lo, hi)
+        elif buf is not None:
             piece = bytes(buf[lo:hi])
         elif (ref := r.chunks.get(i)) is not None:
             piece = await vol.read_chunk(ref, lo, hi)
@@ -114,19 +120,23 @@ async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
             if ref is not None and not (lo == 0 and n >= ref.length):
                 buf = bytearray(await vol.read_chunk(ref, 0, ref.length))
                 node.reloaded.add(i)
-            elif lo == 0 and n >= PREALLOCATE_MIN:
-                # A streaming writer (big pieces from the chunk's start): the whole
-                # chunk at once, filled in place. Growing a bytearray piece by piece
-                # reallocates and copies it each time (~0.5 s per GiB written). The
-                # zeros past the data read as the hole they stand for, and the store
-                # gets only what is within the file's size (flush_chunk).
-                buf = bytearray(CHUNK_SIZE)
+            elif lo == 0 and n >= PREALLOCATE_MIN and isinstance(data, bytes):
+                # A streaming writer (big pieces from the chunk's start): its
+                # pieces are kept, not copied (see Pieces).
+                buf = Pieces()
             else:
                 buf = bytearray()
             node.dirty[i] = buf
-        if len(buf) < lo:
-            buf.extend(_zeros(lo - len(buf)))
-        buf[lo : lo + n] = view[pos - off : pos - off + n]
+        if isinstance(buf, Pieces):
+            if lo == len(buf) and n >= PIECE_MIN and isinstance(data, bytes):
+                buf.append(data if n == len(data) else view[pos - off : pos - off + n])
+                buf = None
+            else:
+                buf = node.dirty[i] = buf.materialize()
+        if buf is not None:
+            if len(buf) < lo:
+                buf.extend(_zeros(lo - len(buf)))
+            buf[lo : lo + n] = view[pos - off : pos - off + n]
         if lo + n == CHUNK_SIZE:
             full.append(i)
         pos += n
@@ -176,8 +186,11 @@ async def truncate(vol: ChunkIO, node: Node, size: int) -> None:
             del r.chunks[i]
         i, cut = divmod(size, CHUNK_SIZE)
         if cut:
-            if i in node.dirty:
-                del node.dirty[i][cut:]
+            if (buf := node.dirty.get(i)) is not None:
+                if isinstance(buf, Pieces):
+                    buf.truncate(cut)
+                else:
+                    del buf[cut:]
             elif (ref := r.chunks.get(i)) is not None and ref.length > cut:
                 node.dirty[i] = bytearray(await vol.read_chunk(ref, 0, cut))
     r.size = size
@@ -192,14 +205,19 @@ async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
         return
     valid = max(0, min(len(buf), node.record.size - i * CHUNK_SIZE))
     if valid < len(buf):
-        del buf[valid:]
-    if buf == _ZEROS[:valid]:
+        if isinstance(buf, Pieces):
+            buf.truncate(valid)
+        else:
+            del buf[valid:]
+    if _all_zeros(buf):
         node.record.chunks.pop(i, None)
     else:
         # No copy: nothing changes this buffer until it leaves ``dirty`` (writers
         # of this chunk wait for ``flushing``; everything else holds the lock).
-        ref = node.record.chunks[i] = await vol.write_chunk(buf)
-        if i in node.reloaded:
+        ref = node.record.chunks[i] = await vol.write_chunk(
+            buf.parts if isinstance(buf, Pieces) else buf
+        )
+        if i in node.reloaded and not isinstance(buf, Pieces):
             # A chunk changed in place (read, changed, stored: a database's pages)
             # is likely to be changed again soon: its plaintext stays in the memory
             # cache, so the next change finds it there instead of reading the new
@@ -208,6 +226,13 @@ async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
             vol.cache.remember_plaintext(ref, buf)
     node.reloaded.discard(i)
     node.dirty.pop(i, None)
+
+
+def _all_zeros(buf: bytearray | Pieces) -> bool:
+    # (memcmp: stops at the first byte that is not zero)
+    if isinstance(buf, Pieces):
+        return all(_ZERO_BYTES.startswith(p) for p in buf.parts)
+    return buf == _ZEROS[: len(buf)]
 
 
 async def flush(vol: ChunkIO, node: Node) -> None:

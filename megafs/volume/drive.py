@@ -318,18 +318,24 @@ class Volume:
 
     block_size: Final = fchunks.BLOCK_SIZE
 
-    async def write_chunk(self, plaintext: bytes | bytearray) -> frec.ChunkRef:
+    async def write_chunk(self, plaintext: fchunks.ChunkContent) -> frec.ChunkRef:
         """Store a chunk (once per mount: identical chunks are deduplicated by id)
-        and return its reference. Small chunks are hashed and sealed inline (a few
-        tens of microseconds, less than a thread hop); larger ones in a thread."""
+        and return its reference. ``plaintext`` may come in pieces (joined in the
+        worker thread). Small chunks are hashed and sealed inline (a few tens of
+        microseconds, less than a thread hop); larger ones in a thread."""
+        if isinstance(plaintext, list):
+            size = sum(len(p) for p in plaintext)
+        else:
+            size = len(plaintext)
 
         def prepare() -> tuple[bytes, bytes | None]:
-            cid = fchunks.chunk_id(self.keys.chunk_id, plaintext)
+            data = b"".join(plaintext) if isinstance(plaintext, list) else plaintext
+            cid = fchunks.chunk_id(self.keys.chunk_id, data)
             if cid in self._known_chunks:
                 return cid, None
-            return cid, fchunks.seal_chunk(self._content, self.volume_id, cid, plaintext)
+            return cid, fchunks.seal_chunk(self._content, self.volume_id, cid, data)
 
-        if len(plaintext) <= INLINE_SEAL_MAX:
+        if size <= INLINE_SEAL_MAX:
             cid, sealed = prepare()
         else:
             cid, sealed = await trio.to_thread.run_sync(prepare)
@@ -338,7 +344,7 @@ class Volume:
             # have) rewrites identical plaintext, never changes what a reader sees.
             await self.store.put(fchunks.chunk_key(cid), sealed)
             self._known_chunks.add(cid)
-        return frec.ChunkRef(cid, len(plaintext))
+        return frec.ChunkRef(cid, size)
 
     async def read_blocks(self, ref: frec.ChunkRef, first: int, stop: int) -> list[bytes]:
         """Plaintext of sub-blocks ``[first, stop)`` of a chunk, fetched with one
