@@ -5,6 +5,7 @@ must see exactly the bytes a plain buffer would hold, before and after it is sto
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import PASSPHRASE, make_volume
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import megafs.sdk
+from megafs.format import chunks as fchunks
 from megafs.format.chunks import CHUNK_SIZE
 from megafs.vfs.node import Pieces
 
@@ -119,3 +122,24 @@ def test_streamed_zeros_are_stored_as_a_hole(tmp_path: Path) -> None:
 
     run_on(tmp_path, write)
     run_on(tmp_path, check)
+
+
+@pytest.mark.parametrize(
+    "cuts", [[], [MiB, 2 * MiB], [1000, 70_000, 65_536 * 3 + 1], [CHUNK_SIZE - 1]]
+)
+def test_a_chunk_in_pieces_hashes_and_seals_as_one_buffer(cuts: list[int]) -> None:
+    plain = rand(CHUNK_SIZE - 12345, 30)
+    bounds = [0, *(c for c in cuts if c < len(plain)), len(plain)]
+    pieces: list[bytes | memoryview] = [
+        memoryview(plain)[a:b] if k % 2 else plain[a:b]
+        for k, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+    key, vid = bytes(range(32)), bytes(16)
+    aead = AESGCM(bytes(32))
+    cid = fchunks.chunk_id(key, pieces)
+    assert cid == fchunks.chunk_id(key, plain)
+    sealed = fchunks.seal_chunk(aead, vid, cid, pieces)
+    assert len(sealed) == fchunks.sealed_size(len(plain))
+    assert fchunks.verify_chunk(aead, vid, cid, len(plain), sealed) == plain
+    empty = fchunks.seal_chunk(aead, vid, cid, [])
+    assert fchunks.verify_chunk(aead, vid, cid, 0, empty) == b""

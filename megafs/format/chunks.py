@@ -21,6 +21,7 @@ and which one must carry the last flag (truncation and extension fail to open).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
 from blake3 import blake3
@@ -37,11 +38,39 @@ CHUNK_ID_SIZE: Final = 32
 ChunkContent = bytes | bytearray | list[bytes | memoryview]
 
 
-def chunk_id(id_key: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
-    """The keyed-hash identity of a chunk's plaintext: keyed BLAKE3, 32 bytes.
-    (BLAKE3 because every written byte is hashed: it runs at several GB/s where
-    HMAC-SHA256 manages about one.)"""
-    return blake3(plaintext, key=id_key).digest()
+def chunk_id(id_key: bytes, plaintext: bytes | bytearray | memoryview | ChunkContent) -> bytes:
+    """The keyed-hash identity of a chunk's plaintext (one buffer or its pieces in
+    order): keyed BLAKE3, 32 bytes. (BLAKE3 because every written byte is hashed: it
+    runs at several GB/s where HMAC-SHA256 manages about one.)"""
+    if not isinstance(plaintext, list):
+        return blake3(plaintext, key=id_key).digest()
+    h = blake3(key=id_key)
+    for piece in plaintext:
+        h.update(piece)
+    return h.digest()
+
+
+def _units(pieces: list[bytes | memoryview], unit: int) -> Iterator[memoryview]:
+    """``pieces`` (in order) cut into consecutive units of ``unit`` bytes (the last
+    may be shorter): views of the pieces, a copy only for a unit that spans two."""
+    carry = bytearray()
+    for piece in pieces:
+        view = memoryview(piece)
+        pos = 0
+        if carry:
+            take = min(unit - len(carry), len(view))
+            carry += view[:take]
+            pos = take
+            if len(carry) < unit:
+                continue
+            yield memoryview(bytes(carry))
+            carry = bytearray()
+        while len(view) - pos >= unit:
+            yield view[pos : pos + unit]
+            pos += unit
+        carry += view[pos:]
+    if carry:
+        yield memoryview(bytes(carry))
 
 
 def chunk_key(cid: bytes) -> str:
@@ -73,14 +102,21 @@ def sealed_size(length: int) -> int:
 
 
 def seal_chunk(
-    aead: AESGCM, volume_id: bytes, cid: bytes, plaintext: bytes | bytearray | memoryview
+    aead: AESGCM,
+    volume_id: bytes,
+    cid: bytes,
+    plaintext: bytes | bytearray | memoryview | ChunkContent,
 ) -> bytes:
-    """Seal a whole chunk for upload."""
+    """Seal a whole chunk (one buffer or its pieces in order) for upload."""
     key = chunk_key(cid)
-    view = memoryview(plaintext)
-    n = block_count(len(view))
+    if isinstance(plaintext, list):
+        units = list(_units(plaintext, BLOCK_SIZE))
+    else:
+        view = memoryview(plaintext)
+        units = [view[i : i + BLOCK_SIZE] for i in range(0, len(view), BLOCK_SIZE)]
+    n = max(1, len(units))
     ads = [context(KIND_CHUNK, volume_id, key, j, last=j == n - 1) for j in range(n)]
-    return seal_many(aead, view, BLOCK_SIZE, ads)
+    return seal_many(aead, units or [memoryview(b"")], ads)
 
 
 def block_range(p_start: int, p_end: int, length: int) -> tuple[int, int, int, int]:

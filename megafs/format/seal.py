@@ -69,18 +69,16 @@ def _seal_with_nonce(
     return nonce + aead.encrypt(nonce, bytes(plaintext), ad)
 
 
-def seal_many(aead: AESGCM, plaintext: memoryview, unit: int, ads: list[bytes]) -> bytes:
-    """Seal ``plaintext`` in consecutive units of ``unit`` bytes (the last may be
-    shorter), unit ``j`` with associated data ``ads[j]`` and a fresh random nonce:
-    the concatenation of what :func:`seal` gives for each, built in one buffer
-    (no per-unit copies; one system call for all the nonces)."""
+def seal_many(aead: AESGCM, units: list[memoryview], ads: list[bytes]) -> bytes:
+    """Seal consecutive ``units``, unit ``j`` with associated data ``ads[j]`` and a
+    fresh random nonce: the concatenation of what :func:`seal` gives for each, built
+    in one buffer (no per-unit copies; one system call for all the nonces)."""
     n = len(ads)
-    out = bytearray(len(plaintext) + n * OVERHEAD)
+    out = bytearray(sum(len(u) for u in units) + n * OVERHEAD)
     dst = memoryview(out)
     nonces = secrets.token_bytes(NONCE_SIZE * n)
     pos = 0
-    for j in range(n):
-        piece = plaintext[j * unit : (j + 1) * unit]
+    for j, piece in enumerate(units):
         nonce = nonces[j * NONCE_SIZE : (j + 1) * NONCE_SIZE]
         dst[pos : pos + NONCE_SIZE] = nonce
         pos += NONCE_SIZE

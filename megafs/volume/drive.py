@@ -320,8 +320,8 @@ class Volume:
 
     async def write_chunk(self, plaintext: fchunks.ChunkContent) -> frec.ChunkRef:
         """Store a chunk (once per mount: identical chunks are deduplicated by id)
-        and return its reference. ``plaintext`` may come in pieces (joined in the
-        worker thread). Small chunks are hashed and sealed inline (a few tens of
+        and return its reference. ``plaintext`` may come in pieces (hashed and
+        sealed as they are, not joined). Small chunks are hashed and sealed inline (a few tens of
         microseconds, less than a thread hop); larger ones in a thread."""
         if isinstance(plaintext, list):
             size = sum(len(p) for p in plaintext)
@@ -329,11 +329,10 @@ class Volume:
             size = len(plaintext)
 
         def prepare() -> tuple[bytes, bytes | None]:
-            data = b"".join(plaintext) if isinstance(plaintext, list) else plaintext
-            cid = fchunks.chunk_id(self.keys.chunk_id, data)
+            cid = fchunks.chunk_id(self.keys.chunk_id, plaintext)
             if cid in self._known_chunks:
                 return cid, None
-            return cid, fchunks.seal_chunk(self._content, self.volume_id, cid, data)
+            return cid, fchunks.seal_chunk(self._content, self.volume_id, cid, plaintext)
 
         if size <= INLINE_SEAL_MAX:
             cid, sealed = prepare()
