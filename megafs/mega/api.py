@@ -51,6 +51,7 @@ from megafs.mega.errors import (
     MegaTryAgain,
     mega_error,
 )
+from megafs.stores import http as _http  # noqa: F401 (response read size)
 from megafs.stores.retry import Backoff as Backoff
 from megafs.stores.retry import RetryPolicy as RetryPolicy
 

@@ -57,6 +57,7 @@ import httpx
 import trio
 
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
+from megafs.stores import http as _http  # noqa: F401 (response read size)
 from megafs.stores import sigv4
 from megafs.stores.base import ObjectInfo
 from megafs.stores.retry import DEFAULT_POLICY, RetryPolicy, retrying

@@ -36,6 +36,7 @@ import httpx
 import trio
 
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
+from megafs.stores import http as _http  # noqa: F401 (response read size)
 from megafs.stores._davxml import PROPFIND_BODY, BadMultistatus, DavEntry, parse_multistatus
 from megafs.stores.base import ObjectInfo
 from megafs.stores.retry import DEFAULT_POLICY, RetryPolicy, retrying

@@ -72,11 +72,11 @@ async def read(vol: ChunkIO, node: Node, off: int, size: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def prefetch(vol: ChunkIO, node: Node, start: int, end: int) -> None:
+def prefetch(vol: ChunkIO, node: Node, start: int, end: int, piece: int = 1 << 20) -> None:
     """Ask for ``[start, end)`` to be fetched into the cache in the background, in
-    pieces of up to 1 MiB (no lock needed: it only reads stored chunks)."""
+    pieces of up to ``piece`` bytes, none across a chunk's end (no lock needed: it
+    only reads stored chunks)."""
     r = node.record
-    piece = 1 << 20
     pos = start
     while pos < end:
         i = pos // CHUNK_SIZE
