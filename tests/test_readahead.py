@@ -129,3 +129,27 @@ def test_a_streaming_reader_fetches_whole_chunks(
     assert sum(sizes) == fchunks.sealed_size(CHUNK_SIZE) * 10, sizes  # each block once
     whole = [s for s in sizes if s == fchunks.sealed_size(CHUNK_SIZE)]
     assert len(whole) >= 8 and len(sizes) <= 14, sizes
+
+
+def test_read_ahead_from_the_disk_cache_goes_in_pieces(tmp_path: Path) -> None:
+    """A range the store must send is asked for in one request; one the disk cache
+    holds is read in 1 MiB pieces, side by side."""
+    ref = ChunkRef(b"e" * 32, 4 << 20)
+
+    async def main() -> None:
+        io = await _prefetch(tmp_path, ref, 1, 64)  # the whole chunk: one fetch
+        assert isinstance(io.drive, _SlowDrive)
+        assert io.drive.fetched == [(0, 64)]
+        assert io.cache.on_disk(ref, 0, 64) and not io.cache.on_disk(ref, 0, 65)
+        async with trio.open_nursery() as nursery:
+            io.start(nursery)
+            io.prefetch(ref, 0, 4 << 20)
+            assert [(a, b) for _, a, b in io._prefetch_queue] == [
+                (0, 16),
+                (16, 32),
+                (32, 48),
+                (48, 64),
+            ]
+        assert io.drive.fetched == [(0, 64)]  # nothing more from the store
+
+    trio.run(main)

@@ -252,6 +252,13 @@ class ChunkCache:
         """Block ``j`` if it is in the memory cache (no statistics)."""
         return self._memory.get(self.key(ref, j))
 
+    def on_disk(self, ref: ChunkRef, first: int, stop: int) -> bool:
+        """Whether blocks ``[first, stop)`` of ``ref`` are all in the disk cache."""
+        if self.directory is None:
+            return False
+        want = ((1 << (stop - first)) - 1) << first
+        return self._index.get(self._name(ref.cid), 0) & want == want
+
     def in_memory(self, ref: ChunkRef, j: int) -> bool:
         return self.key(ref, j) in self._memory
 

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Read-ahead requests waiting at most (pieces of up to 1 MiB: the vfs's read-ahead
 #: window of one stream is at most 32 of them).
 PREFETCH_QUEUE_MAX = 64
+#: Read-ahead of blocks that are in the disk cache goes in pieces of this many blocks.
+DISK_PIECE_BLOCKS = 16
 
 
 class ContentDrive(Protocol):
@@ -152,12 +154,18 @@ class ChunkIO:
         first, stop = p_start // self.bs, -(-p_end // self.bs)
         if all(self.cache.in_memory(ref, j) for j in (first, stop - 1)):
             return  # (blocks only on disk are worth it: they are read in a thread)
-        if len(self._prefetch_queue) >= PREFETCH_QUEUE_MAX:
-            return
-        self._prefetch_queue.append((ref, first, stop))
-        if self._prefetch_workers < self._prefetch_tasks:
-            self._prefetch_workers += 1
-            self._nursery.start_soon(self._prefetch_worker)
+        step = stop - first
+        if step > DISK_PIECE_BLOCKS and self.cache.on_disk(ref, first, stop):
+            # From the local disk cache: pieces read side by side by the workers
+            # (a remote store is asked once for the whole range instead).
+            step = DISK_PIECE_BLOCKS
+        for piece in range(first, stop, step):
+            if len(self._prefetch_queue) >= PREFETCH_QUEUE_MAX:
+                return
+            self._prefetch_queue.append((ref, piece, min(piece + step, stop)))
+            if self._prefetch_workers < self._prefetch_tasks:
+                self._prefetch_workers += 1
+                self._nursery.start_soon(self._prefetch_worker)
 
     async def _prefetch_worker(self) -> None:
         try:
