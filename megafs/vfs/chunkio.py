@@ -33,8 +33,8 @@ from megafs.vfs.chunkcache import ChunkCache
 
 log = logging.getLogger(__name__)
 
-#: Read-ahead requests waiting at most (pieces of up to 1 MiB: the vfs's read-ahead
-#: window of one stream is at most 32 of them).
+#: Read-ahead requests waiting at most (pieces of 1 MiB up to a chunk: the vfs's
+#: read-ahead window of one stream is at most 32 MiB).
 PREFETCH_QUEUE_MAX = 64
 #: Read-ahead of blocks that are in the disk cache goes in pieces of this many blocks.
 DISK_PIECE_BLOCKS = 16
