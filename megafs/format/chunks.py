@@ -38,7 +38,7 @@ CHUNK_ID_SIZE: Final = 32
 ChunkContent = bytes | bytearray | list[bytes | memoryview]
 
 
-def chunk_id(id_key: bytes, plaintext: bytes | bytearray | memoryview | ChunkContent) -> bytes:
+def chunk_id(id_key: bytes, plaintext: memoryview | ChunkContent) -> bytes:
     """The keyed-hash identity of a chunk's plaintext (one buffer or its pieces in
     order): keyed BLAKE3, 32 bytes. (BLAKE3 because every written byte is hashed: it
     runs at several GB/s where HMAC-SHA256 manages about one.)"""
@@ -105,7 +105,7 @@ def seal_chunk(
     aead: AESGCM,
     volume_id: bytes,
     cid: bytes,
-    plaintext: bytes | bytearray | memoryview | ChunkContent,
+    plaintext: memoryview | ChunkContent,
 ) -> bytes:
     """Seal a whole chunk (one buffer or its pieces in order) for upload."""
     key = chunk_key(cid)

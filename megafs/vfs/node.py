@@ -30,8 +30,8 @@ class Pieces:
     Copying each piece into a chunk buffer was a third of the event loop's time
     in a sequential write (it holds the GIL: 1 MiB per FUSE write request); the
     pieces are immutable ``bytes`` that pyfuse3 made for the request anyway, so
-    they are kept as they are and joined once, in the thread that hashes and
-    seals the chunk (``bytes.join`` releases the GIL for large results).
+    they are kept as they are and hashed and sealed piece by piece in a worker
+    thread (:func:`megafs.format.chunks.seal_chunk`), never joined.
     :mod:`megafs.vfs.content` turns one into a ``bytearray`` (:meth:`materialize`)
     before any change other than an append at its end.
     """
