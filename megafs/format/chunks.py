@@ -106,8 +106,9 @@ def seal_chunk(
     volume_id: bytes,
     cid: bytes,
     plaintext: memoryview | ChunkContent,
-) -> bytes:
-    """Seal a whole chunk (one buffer or its pieces in order) for upload."""
+) -> bytearray:
+    """Seal a whole chunk (one buffer or its pieces in order) for upload (a
+    ``bytearray`` nobody changes: :meth:`ObjectStore.put` takes it as it is)."""
     key = chunk_key(cid)
     if isinstance(plaintext, list):
         units = list(_units(plaintext, BLOCK_SIZE))

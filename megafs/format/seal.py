@@ -69,10 +69,12 @@ def _seal_with_nonce(
     return nonce + aead.encrypt(nonce, bytes(plaintext), ad)
 
 
-def seal_many(aead: AESGCM, units: list[memoryview], ads: list[bytes]) -> bytes:
+def seal_many(aead: AESGCM, units: list[memoryview], ads: list[bytes]) -> bytearray:
     """Seal consecutive ``units``, unit ``j`` with associated data ``ads[j]`` and a
     fresh random nonce: the concatenation of what :func:`seal` gives for each, built
-    in one buffer (no per-unit copies; one system call for all the nonces)."""
+    in one buffer and returned as it is (no per-unit copies, no final copy into a
+    ``bytes``: that copy was a quarter of the time a 4 MiB chunk took to seal; one
+    system call for all the nonces)."""
     n = len(ads)
     out = bytearray(sum(len(u) for u in units) + n * OVERHEAD)
     dst = memoryview(out)
@@ -84,7 +86,7 @@ def seal_many(aead: AESGCM, units: list[memoryview], ads: list[bytes]) -> bytes:
         pos += NONCE_SIZE
         aead.encrypt_into(nonce, piece, ads[j], dst[pos : pos + len(piece) + TAG_SIZE])
         pos += len(piece) + TAG_SIZE
-    return bytes(out)
+    return out
 
 
 def open_sealed(key: bytes | AESGCM, sealed: bytes | memoryview, ad: bytes, what: str) -> bytes:

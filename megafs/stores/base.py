@@ -14,6 +14,9 @@ Contract (checked by :func:`megafs.testing.check_store` against every store):
   bytes, never a mix or a prefix. With ``if_none_match=True`` it raises
   :class:`~megafs.errors.PreconditionFailed` if the key exists; with ``if_match=ETAG``
   it raises it unless the current ETag equals ``ETAG``. Returns the new ETag.
+  ``data`` may be a ``bytearray`` (a sealed chunk is built in one, and copying 4 MiB
+  per chunk on the write path is not free); the caller never changes it afterwards,
+  so a store may keep it or send it as it is.
 * ``delete(key)`` is idempotent: deleting a missing key is not an error.
 * ``head(key)`` returns :class:`ObjectInfo` or raises ``ObjectNotFound``.
 * ``list(prefix)`` returns every object whose key starts with ``prefix``, sorted by key.
@@ -51,7 +54,7 @@ class ObjectStore(Protocol):
     async def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         if_none_match: bool = False,
         if_match: str | None = None,

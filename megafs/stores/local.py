@@ -261,7 +261,7 @@ class LocalStore:
     async def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         if_none_match: bool = False,
         if_match: str | None = None,
@@ -272,7 +272,9 @@ class LocalStore:
             raise ValueError("put: if_none_match and if_match are exclusive")
         return await trio.to_thread.run_sync(self._put_sync, key, data, if_none_match, if_match)
 
-    def _put_sync(self, key: str, data: bytes, if_none_match: bool, if_match: str | None) -> str:
+    def _put_sync(
+        self, key: str, data: bytes | bytearray, if_none_match: bool, if_match: str | None
+    ) -> str:
         path = self._path(key)
         directory = os.path.dirname(path)
         try:
@@ -311,7 +313,7 @@ class LocalStore:
             return  # created concurrently (or a file is in the way: the put fails later)
         _fsync_dir(parent)
 
-    def _write_temp(self, directory: str, data: bytes) -> tuple[str, str]:
+    def _write_temp(self, directory: str, data: bytes | bytearray) -> tuple[str, str]:
         """Write ``data`` durably to a new temp file in ``directory``: (path, ETag)."""
         tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
         fd = os.open(tmp, _TMP_FLAGS, _FILE_MODE)

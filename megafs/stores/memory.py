@@ -54,7 +54,7 @@ class MemoryStore:
     async def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         if_none_match: bool = False,
         if_match: str | None = None,

@@ -541,7 +541,7 @@ class S3Store:
     async def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         if_none_match: bool = False,
         if_match: str | None = None,

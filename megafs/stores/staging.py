@@ -316,7 +316,7 @@ class StagingStore:
     def url(self) -> str:
         return self.remote.url
 
-    async def _stage(self, op: bytes, key: str, data: bytes) -> _Entry:
+    async def _stage(self, op: bytes, key: str, data: bytes | bytearray) -> _Entry:
         while self.pending_bytes > self.max_pending_bytes and self._order:
             await self._wait_change()
         seq = self._next_seq
@@ -361,7 +361,12 @@ class StagingStore:
         return entry
 
     async def put(
-        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        data: bytes | bytearray,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
     ) -> str:
         if if_none_match or if_match is not None:
             # Conditional writes are decisions the remote store must make.

@@ -58,7 +58,12 @@ class TrackedStore:
         return await self._call(what, self.inner.get(key, start, end))
 
     async def put(
-        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        data: bytes | bytearray,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
     ) -> str:
         op = self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
         return await self._call(f"put {key} ({len(data)} bytes)", op)

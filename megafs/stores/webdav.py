@@ -559,12 +559,13 @@ class WebDavStore:
     async def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         if_none_match: bool = False,
         if_match: str | None = None,
     ) -> str:
         path = self._path(key)
+        data = bytes(data)  # (httpx sends bytes; a no-op for bytes)
 
         async def op() -> str:
             await self._check_base()

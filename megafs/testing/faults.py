@@ -108,7 +108,7 @@ class FaultyStore:
     async def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         if_none_match: bool = False,
         if_match: str | None = None,

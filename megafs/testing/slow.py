@@ -40,7 +40,12 @@ class SlowStore:
         return data
 
     async def put(
-        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        data: bytes | bytearray,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
     ) -> str:
         await self._transfer(len(data))
         return await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)

@@ -328,7 +328,7 @@ class Volume:
         else:
             size = len(plaintext)
 
-        def prepare() -> tuple[bytes, bytes | None]:
+        def prepare() -> tuple[bytes, bytearray | None]:
             cid = fchunks.chunk_id(self.keys.chunk_id, plaintext)
             if cid in self._known_chunks:
                 return cid, None
