@@ -51,7 +51,7 @@ from megafs.mega.errors import (
     MegaTryAgain,
     mega_error,
 )
-from megafs.stores import http as _http  # noqa: F401 (response read size)
+from megafs.stores import http as _http
 from megafs.stores.retry import Backoff as Backoff
 from megafs.stores.retry import RetryPolicy as RetryPolicy
 
@@ -152,7 +152,7 @@ class MegaApi:
         self.hashcash_workers = hashcash_workers
         self._wait_timeout = wait_timeout
         self._own_client = client is None
-        self._client = client or httpx.AsyncClient(
+        self._client = client or _http.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 20.0)),
             headers={"User-Agent": "megafs"},
         )

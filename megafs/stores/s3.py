@@ -57,7 +57,7 @@ import httpx
 import trio
 
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
-from megafs.stores import http as _http  # noqa: F401 (response read size)
+from megafs.stores import http as _http
 from megafs.stores import sigv4
 from megafs.stores.base import ObjectInfo
 from megafs.stores.retry import DEFAULT_POLICY, RetryPolicy, retrying
@@ -321,7 +321,7 @@ class S3Store:
         # many trio tasks.
         client = self._clients[kind]
         if client is None:
-            client = self._clients[kind] = httpx.AsyncClient(
+            client = self._clients[kind] = _http.AsyncClient(
                 timeout=self._timeout,
                 limits=self._limits,
                 verify=ssl.create_default_context(),

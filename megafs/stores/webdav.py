@@ -36,7 +36,7 @@ import httpx
 import trio
 
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
-from megafs.stores import http as _http  # noqa: F401 (response read size)
+from megafs.stores import http as _http
 from megafs.stores._davxml import PROPFIND_BODY, BadMultistatus, DavEntry, parse_multistatus
 from megafs.stores.base import ObjectInfo
 from megafs.stores.retry import DEFAULT_POLICY, RetryPolicy, retrying
@@ -125,7 +125,7 @@ class WebDavStore:
         self._url = f"webdav+{parts.scheme}://{parts.netloc}{path}"
         self._policy = policy
         limits = httpx.Limits(max_connections=40, max_keepalive_connections=40)
-        self._client = httpx.AsyncClient(
+        self._client = _http.AsyncClient(
             auth=auth,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
             limits=limits,
