@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -395,5 +396,62 @@ def test_uploads_wait_for_writes_to_pause(tmp_path: Path) -> None:
                 while s.pending_count:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_put_computed_stages_in_the_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What put_computed's function returns is staged from the same worker thread
+    (durable, readable, uploaded like a put); None stages nothing; a full disk falls
+    back to the ordinary path, which tries again and makes room if it must."""
+    trio_thread = threading.get_ident()
+
+    async def main() -> None:
+        remote = MemoryStore()
+        freed: list[bool] = []
+
+        def make_room() -> bool:
+            freed.append(True)
+            return True
+
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, on_full=make_room)
+        threads: list[int] = []
+
+        def compute(key: str, data: bytes) -> tuple[str, bytes]:
+            threads.append(threading.get_ident())
+            return key, data
+
+        assert await s.put_computed(lambda: compute("c/one", b"first")) is not None
+        assert threads[-1] != trio_thread
+        assert await s.put_computed(lambda: None) is None
+        assert s.pending_count == 1 and len(list(tmp_path.glob("*.op"))) == 1
+
+        real = StagingStore._write_file
+        calls = 0
+
+        def full_twice(self: StagingStore, seq: int, op: bytes, key: str, data: bytes) -> None:
+            nonlocal calls
+            calls += 1
+            if calls <= 2:  # put_computed's write and the ordinary path's first
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(self, seq, op, key, data)
+
+        monkeypatch.setattr(StagingStore, "_write_file", full_twice)
+        await s.put_computed(lambda: compute("c/two", b"second"))
+        monkeypatch.setattr(StagingStore, "_write_file", real)
+        assert freed == [True] and calls == 3
+        assert await s.get("c/one") == b"first" and await s.get("c/two") == b"second"
+        await s.sync()
+
+        again = StagingStore(remote, tmp_path, is_barrier=_barrier)  # (recovery)
+        assert again.pending_count == 2
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(again.run_uploader)
+            await again.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert await remote.get("c/one") == b"first" and await remote.get("c/two") == b"second"
+        assert not list(tmp_path.glob("*.op"))
 
     trio.run(main)

@@ -28,8 +28,9 @@ Contract (checked by :func:`megafs.testing.check_store` against every store):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,13 @@ class ObjectStore(Protocol):
     async def list(self, prefix: str = "") -> list[ObjectInfo]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ComputedPut(Protocol):
+    """A store that can compute what it stores in its own worker thread (the
+    staging area: :meth:`megafs.stores.staging.StagingStore.put_computed`)."""
+
+    async def put_computed(
+        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+    ) -> str | None: ...

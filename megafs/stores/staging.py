@@ -317,37 +317,14 @@ class StagingStore:
         return self.remote.url
 
     async def _stage(self, op: bytes, key: str, data: bytes | bytearray) -> _Entry:
-        while self.pending_bytes > self.max_pending_bytes and self._order:
-            await self._wait_change()
-        seq = self._next_seq
-        self._next_seq += 1
-        path = self.directory / f"{seq:016x}.op"
-
-        def write() -> None:
-            pieces = _encode(op, key, data)
-            tmp = self.directory / f".tmp-{seq:016x}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    todo = sum(len(p) for p in pieces)
-                    while todo:
-                        n = os.writev(fd, pieces)
-                        todo -= n
-                        if todo:  # a short write (rare): drop what was written
-                            pieces = _advance(pieces, n)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-            except OSError:
-                tmp.unlink(missing_ok=True)
-                raise
-
+        await self._wait_room()
+        seq = self._take_seq()
         while True:
             try:
                 # Always in a thread: creating and renaming a file costs far more
                 # than the hop, even for a few bytes, and the event loop's thread
                 # is the one that answers the kernel.
-                await trio.to_thread.run_sync(write)
+                await trio.to_thread.run_sync(self._write_file, seq, op, key, data)
                 break
             except OSError as exc:
                 full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -355,10 +332,79 @@ class StagingStore:
                     continue
                 kind = NoSpace if full else StoreError
                 raise kind(f"staging area {self.directory}: {exc.strerror or exc}") from exc
+        return self._staged_entry(seq, op, key, len(data))
+
+    async def _wait_room(self) -> None:
+        """Back-pressure: wait while more than ``max_pending_bytes`` wait for upload."""
+        while self.pending_bytes > self.max_pending_bytes and self._order:
+            await self._wait_change()
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _path_of(self, seq: int) -> Path:
+        return self.directory / f"{seq:016x}.op"
+
+    def _write_file(self, seq: int, op: bytes, key: str, data: bytes | bytearray) -> None:
+        """Write the staged file of operation ``seq`` (to a temporary name, then
+        renamed: whole or absent). Any thread; touches no shared state."""
+        pieces = _encode(op, key, data)
+        tmp = self.directory / f".tmp-{seq:016x}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                todo = sum(len(p) for p in pieces)
+                while todo:
+                    n = os.writev(fd, pieces)
+                    todo -= n
+                    if todo:  # a short write (rare): drop what was written
+                        pieces = _advance(pieces, n)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._path_of(seq))
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _staged_entry(self, seq: int, op: bytes, key: str, size: int) -> _Entry:
+        """Record operation ``seq``, whose file is written (synchronous)."""
         self._last_stage = trio.current_time()
-        entry = _Entry(seq, key, op == b"D", len(data), path, staged=self._last_stage)
+        entry = _Entry(seq, key, op == b"D", size, self._path_of(seq), staged=self._last_stage)
         self._add(entry)
         return entry
+
+    async def put_computed(
+        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+    ) -> str | None:
+        """Run ``compute`` in a worker thread and stage the unconditional put it
+        returns, ``(key, data)``, in that same thread; None (nothing staged) if it
+        returns None. For the volume's chunks: hashing and sealing a chunk and then
+        staging it took two thread hops, and each waits for the event loop's thread,
+        which a streaming write keeps busy answering the kernel (measured: a 4 MiB
+        chunk's hop back took 3 ms on top of the 7 ms of sealing it)."""
+        await self._wait_room()
+        seq = self._take_seq()
+
+        def work() -> tuple[str, bytes | bytearray, OSError | None] | None:
+            result = compute()
+            if result is None:
+                return None
+            key, data = result
+            try:
+                self._write_file(seq, b"P", key, data)
+            except OSError as exc:
+                return key, data, exc
+            return key, data, None
+
+        done = await trio.to_thread.run_sync(work)
+        if done is None:
+            return None
+        key, data, error = done
+        if error is not None:  # the ordinary path makes room and retries, or reports it
+            return await self.put(key, data)
+        return f"staged-{self._staged_entry(seq, b'P', key, len(data)).seq}"
 
     async def put(
         self,

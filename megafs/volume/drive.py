@@ -38,7 +38,7 @@ from megafs.format import chunks as fchunks
 from megafs.format import header as fheader
 from megafs.format import records as frec
 from megafs.format.seal import KIND_CACHE, KIND_DIR, KIND_INODE, context, open_sealed, seal
-from megafs.stores.base import ObjectStore
+from megafs.stores.base import ComputedPut, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,18 @@ class Volume:
 
         if size <= INLINE_SEAL_MAX:
             cid, sealed = prepare()
+        elif isinstance(self.store, ComputedPut):
+            # Hashed, sealed and staged in one worker thread (one hop, not two).
+            ids: list[bytes] = []
+
+            def prepare_put() -> tuple[str, bytearray] | None:
+                cid, sealed = prepare()
+                ids.append(cid)
+                return None if sealed is None else (fchunks.chunk_key(cid), sealed)
+
+            if await self.store.put_computed(prepare_put) is not None:
+                self._known_chunks.add(ids[0])
+            return frec.ChunkRef(ids[0], size)
         else:
             cid, sealed = await trio.to_thread.run_sync(prepare)
         if sealed is not None and cid not in self._known_chunks:
