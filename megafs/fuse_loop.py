@@ -28,6 +28,10 @@ Concurrency rules (everything runs on the trio thread):
 - Requests already queued are taken without going through trio's I/O loop, at most
   ``STREAK`` in a row; then the reader passes through ``wait_readable`` (a
   checkpoint), so the committer, uploads and timers still run under a flood.
+  Within a streak, a reader that finds the device empty polls it for up to
+  ``SPIN`` seconds before it sleeps (no checkpoint: the thread is held that long
+  at most), because the next request of a program that waits for each reply
+  comes a few microseconds later.
 - The end: an unmount makes ``poll`` report an error on the device; a signal goes
   through :func:`terminate`. Either sets ``exiting`` and wakes every parked worker,
   which then returns False (pyfuse3 ends that worker); the reader that saw the
@@ -43,6 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import time
 from typing import Any
 
 import pyfuse3
@@ -52,6 +57,13 @@ log = logging.getLogger(__name__)
 
 #: Requests taken back to back from the device before the reader lets other tasks run.
 STREAK = 8
+#: How long the reader keeps polling an empty device before it sleeps in trio's I/O
+#: wait (seconds). A program that waits for each reply before its next call sends
+#: the next request a few microseconds after the reply; going to sleep and being
+#: woken through epoll and trio's scheduler costs more than that, in time and CPU
+#: (measured: 5,000 files created and synced 1.20-1.53 s -> 0.77-0.95 s, daemon CPU
+#: down as much). At most this long per request when the device stays empty.
+SPIN = 50e-6
 
 _POLL_END = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -79,6 +91,15 @@ class _Loop:
             self.end()
         return True
 
+    def _spin(self) -> bool:
+        """Poll the device for up to ``SPIN`` seconds (no checkpoint: nothing else
+        runs meanwhile); True as soon as it has something to read."""
+        end = time.perf_counter() + SPIN
+        while time.perf_counter() < end:
+            if self._ready():
+                return True
+        return False
+
     def end(self) -> None:
         self.exiting = True
         self.parked.unpark_all()
@@ -90,7 +111,7 @@ class _Loop:
             if self.reading:
                 await self.parked.park()
                 continue
-            if self.streak < STREAK and self._ready():
+            if self.streak < STREAK and (self._ready() or self._spin()):
                 self.streak += 1
                 self.taken += 1
                 return True

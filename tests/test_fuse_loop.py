@@ -153,6 +153,62 @@ def test_a_handler_hands_the_device_over_only_when_it_waits(
     trio.run(main)
 
 
+# -- the reader polls an empty device briefly before it sleeps ---------------------------------
+
+
+def test_a_request_that_comes_while_the_reader_spins_is_taken_without_a_checkpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fuse_loop, "SPIN", 5.0)  # (returns as soon as the request is there)
+    r, w = os.pipe()
+    try:
+
+        async def main() -> None:
+            loop = fuse_loop._Loop(r)
+            writer = threading.Timer(0.02, os.write, (w, b"request"))
+            writer.start()
+            t0 = time.perf_counter()
+            with trio.testing.assert_no_checkpoints():
+                assert await loop.wait_readable()
+            assert time.perf_counter() - t0 < 2.0
+            writer.join()
+            assert loop.taken == 1 and loop.streak == 1
+
+        trio.run(main)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_empty_device_is_waited_for_in_trio_after_the_spin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fuse_loop, "SPIN", 0.001)
+    r, w = os.pipe()
+    try:
+
+        async def main() -> None:
+            loop = fuse_loop._Loop(r)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(loop.wait_readable)
+                await trio.testing.wait_all_tasks_blocked()  # asleep in trio's I/O wait
+                assert loop.reading
+                os.write(w, b"request")
+            assert not loop.reading and loop.taken == 1
+            # After STREAK requests in a row the reader goes through trio at once,
+            # without spinning (the committer and timers get their turn).
+            loop.streak = fuse_loop.STREAK
+            monkeypatch.setattr(fuse_loop, "SPIN", 60.0)
+            with trio.testing.assert_checkpoints():
+                assert await loop.wait_readable()
+            assert loop.streak == 0
+
+        trio.run(main)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 # -- through a real mount --------------------------------------------------------------------
 
 
