@@ -455,3 +455,40 @@ def test_put_computed_stages_in_the_worker_thread(
         assert not list(tmp_path.glob("*.op"))
 
     trio.run(main)
+
+
+def test_a_sync_waits_for_the_files_of_earlier_numbers(tmp_path: Path) -> None:
+    """An operation numbered before a staged one but still being written (a chunk
+    sealed in a worker thread) is made durable by a sync that starts meanwhile: what a
+    sync returns for is a prefix of the sequence, which recovery always keeps."""
+    release = threading.Event()
+
+    async def main() -> None:
+        s = StagingStore(MemoryStore(), tmp_path, is_barrier=_barrier)
+
+        def slow_chunk() -> tuple[str, bytes]:
+            release.wait(10)
+            return "c/slow", b"sealed chunk"
+
+        synced = trio.Event()
+
+        async def sync_after_metadata() -> None:
+            await s.put("d/meta", b"metadata staged after the chunk's number")
+            await s.sync()
+            synced.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.put_computed, slow_chunk)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(sync_after_metadata)
+            with trio.move_on_after(0.3):
+                await synced.wait()
+            assert not synced.is_set()  # the chunk's file is not written yet
+            release.set()
+            await synced.wait()
+        # Both are synced, and numbered in the order they were asked for.
+        entries = sorted(s._order.values(), key=lambda e: e.seq)
+        assert [e.key for e in entries] == ["c/slow", "d/meta"]
+        assert all(e.synced for e in entries)
+
+    trio.run(main)

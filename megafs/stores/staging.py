@@ -35,7 +35,9 @@ Durability. Staged files are written to a temporary name and renamed, so a kille
 process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
 (the caller's fsync/commit point). After a power loss, files staged after the last
 ``sync`` may be damaged: each file carries a checksum, and recovery keeps the
-longest undamaged prefix of the sequence (what was synced is always in it).
+longest undamaged prefix of the sequence. What was synced is always in it: a sync
+first waits for the files of operations numbered before it that are still being
+written, so it makes a prefix of the sequence durable.
 
 On-disk layout: ``DIR/NNNNNNNNNNNNNNNN.op`` where the 16 hex digits are the sequence
 number; the file is ``b"MFS2" || op (b"P" or b"D") || u16 key length || key ||
@@ -252,6 +254,10 @@ class StagingStore:
         self._unsynced: list[_Entry] = []
         self._sync_lock = trio.Lock()
         self._next_seq = 1
+        # Sequence numbers taken whose files are not staged yet (or given up): sync()
+        # waits for the ones below its start, so what it makes durable is a prefix of
+        # the sequence, the part recovery keeps.
+        self._reserved: set[int] = set()
         self.pending_bytes = 0
         self._changed = trio.Event()
         # key -> (staged ETag, the remote ETag it became), for conditional puts.
@@ -319,19 +325,23 @@ class StagingStore:
     async def _stage(self, op: bytes, key: str, data: bytes | bytearray) -> _Entry:
         await self._wait_room()
         seq = self._take_seq()
-        while True:
-            try:
-                # Always in a thread: creating and renaming a file costs far more
-                # than the hop, even for a few bytes, and the event loop's thread
-                # is the one that answers the kernel.
-                await trio.to_thread.run_sync(self._write_file, seq, op, key, data)
-                break
-            except OSError as exc:
-                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                if full and self._on_full is not None and self._on_full():
-                    continue
-                kind = NoSpace if full else StoreError
-                raise kind(f"staging area {self.directory}: {exc.strerror or exc}") from exc
+        try:
+            while True:
+                try:
+                    # Always in a thread: creating and renaming a file costs far more
+                    # than the hop, even for a few bytes, and the event loop's thread
+                    # is the one that answers the kernel.
+                    await trio.to_thread.run_sync(self._write_file, seq, op, key, data)
+                    break
+                except OSError as exc:
+                    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    if full and self._on_full is not None and self._on_full():
+                        continue
+                    kind = NoSpace if full else StoreError
+                    raise kind(f"staging area {self.directory}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self._release_seq(seq)
+            raise
         return self._staged_entry(seq, op, key, len(data))
 
     async def _wait_room(self) -> None:
@@ -342,7 +352,13 @@ class StagingStore:
     def _take_seq(self) -> int:
         seq = self._next_seq
         self._next_seq += 1
+        self._reserved.add(seq)
         return seq
+
+    def _release_seq(self, seq: int) -> None:
+        """Give up sequence number ``seq`` (nothing was staged under it)."""
+        self._reserved.discard(seq)
+        self._changed.set()
 
     def _path_of(self, seq: int) -> Path:
         return self.directory / f"{seq:016x}.op"
@@ -370,6 +386,7 @@ class StagingStore:
 
     def _staged_entry(self, seq: int, op: bytes, key: str, size: int) -> _Entry:
         """Record operation ``seq``, whose file is written (synchronous)."""
+        self._reserved.discard(seq)
         self._last_stage = trio.current_time()
         entry = _Entry(seq, key, op == b"D", size, self._path_of(seq), staged=self._last_stage)
         self._add(entry)
@@ -398,11 +415,17 @@ class StagingStore:
                 return key, data, exc
             return key, data, None
 
-        done = await trio.to_thread.run_sync(work)
+        try:
+            done = await trio.to_thread.run_sync(work)
+        except BaseException:
+            self._release_seq(seq)
+            raise
         if done is None:
+            self._release_seq(seq)
             return None
         key, data, error = done
         if error is not None:  # the ordinary path makes room and retries, or reports it
+            self._release_seq(seq)
             return await self.put(key, data)
         return f"staged-{self._staged_entry(seq, b'P', key, len(data)).seq}"
 
@@ -484,7 +507,16 @@ class StagingStore:
         Concurrency: one sync at a time (``_sync_lock``), each taking the entries
         staged since the one before. So a caller returns only once everything staged
         before its call is durable: entries another sync is fsyncing meanwhile are
-        done when the lock is ours. A failed sync gives its entries back."""
+        done when the lock is ours. A failed sync gives its entries back.
+
+        It first waits for the files of the operations numbered before the call that
+        are still being written (their numbers were taken before a later operation's
+        that is staged already): a sync makes a prefix of the sequence durable, and
+        recovery after a power loss keeps the longest undamaged prefix, so nothing a
+        sync returned for can be dropped because an earlier file was not yet synced."""
+        limit = self._next_seq
+        while any(s < limit for s in self._reserved):
+            await self._wait_change()
         async with self._sync_lock:
             todo = [e for e in self._unsynced if not e.done]  # (uploaded: nothing to do)
             self._unsynced = []
