@@ -70,12 +70,6 @@ def test_response_is_freed_without_the_cycle_collector(url: str) -> None:
     assert _freed_when_dropped(mhttp.AsyncClient, url)
 
 
-def test_plain_httpx_leaves_the_cycle(url: str) -> None:
-    # What the subclass is for: if httpx stops making the cycle, this fails and the
-    # subclass can go.
-    assert not _freed_when_dropped(httpx.AsyncClient, url)
-
-
 def test_streamed_response_still_streams(url: str) -> None:
     async def main() -> bytes:
         async with mhttp.AsyncClient() as client:
