@@ -321,7 +321,8 @@ def _wait_idle(mnt: Path, timeout: float, progress: ProgressLine | None = None) 
     started = time.time()
     base: int | None = None
     while True:
-        st = _status(mnt, waiting=True)
+        asked = time.monotonic()
+        st = _status(mnt, waiting=True)  # (the mount holds it while uploads run)
         if base is None:
             base = int(st.get("uploaded_bytes", 0))
         if not st["pending_objects"] and not st["dirty_files"]:
@@ -348,7 +349,7 @@ def _wait_idle(mnt: Path, timeout: float, progress: ProgressLine | None = None) 
             done = max(0, int(st.get("uploaded_bytes", 0)) - base)
             total = done + int(st["pending_bytes"])
             progress.update(_upload_line(st, started), done / total if total else None)
-        time.sleep(0.1)
+        time.sleep(max(0.0, 0.1 - (time.monotonic() - asked)))
     if progress is not None:
         progress.done("all changes are on the store")
 

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import trio
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -78,3 +80,18 @@ class ComputedPut(Protocol):
     async def put_computed(
         self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
     ) -> str | None: ...
+
+
+async def put_computed(
+    store: ObjectStore, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+) -> str | None:
+    """Run ``compute`` in a worker thread and put the ``(key, data)`` it returns
+    (unconditionally); its ETag, or None (nothing put) if it returns None. In one
+    worker thread when ``store`` can (:class:`ComputedPut`), else a thread for
+    ``compute`` and then ``put``."""
+    if isinstance(store, ComputedPut):
+        return await store.put_computed(compute)
+    result = await trio.to_thread.run_sync(compute)
+    if result is None:
+        return None
+    return await store.put(*result)

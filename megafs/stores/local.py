@@ -40,7 +40,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import final
@@ -271,6 +271,23 @@ class LocalStore:
         if if_none_match and if_match is not None:
             raise ValueError("put: if_none_match and if_match are exclusive")
         return await trio.to_thread.run_sync(self._put_sync, key, data, if_none_match, if_match)
+
+    async def put_computed(
+        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+    ) -> str | None:
+        """``put`` of what ``compute`` returns, both in one worker thread (see
+        :func:`megafs.stores.base.put_computed`): the staging area's uploads read
+        the staged file and write the object with one thread hop, not two."""
+
+        def work() -> str | None:
+            result = compute()
+            if result is None:
+                return None
+            key, data = result
+            validate_key(key)
+            return self._put_sync(key, data, False, None)
+
+        return await trio.to_thread.run_sync(work)
 
     def _put_sync(
         self, key: str, data: bytes | bytearray, if_none_match: bool, if_match: str | None

@@ -13,12 +13,22 @@ Order. Every staged operation gets a sequence number. Operations on keys for whi
 uploaded concurrently and in any order. A barrier operation (metadata objects and
 deletions) is uploaded only after every operation staged before it is on the remote
 store. So the remote store never holds metadata that references a chunk it lacks.
+Barrier operations staged inside one :meth:`StagingStore.group` (a metadata commit's
+directory objects, which reference no object of their group) wait for everything
+staged before the group but not for each other, so a commit of a hundred directories
+costs the store one round trip, not a hundred (measured: ``tar x`` of 120
+directories, 20 ms per request: 146 directory objects took 3.7 s one after another).
+Groups are not recorded on disk: operations found at mount are uploaded one barrier
+at a time. Chunks never wait: the uploader walks past barriers that must wait and
+starts the chunks staged after them.
 Non-barrier objects are immutable and named by their content, so one the remote
 store has already (same key and size) is not uploaded again (dedup, off the write
 path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
 
 When. Uploads wait for writes to pause: a round of uploads starts once nothing has
-been staged for ``upload_quiet`` seconds (default 1 s), or when half the cap
+been staged, nor announced (:meth:`StagingStore.busy`: the filesystem stages what it
+holds in memory only at its next commit, a second later), for ``upload_quiet``
+seconds (default 1 s), or when half the cap
 (``max_pending_bytes``) waits, or when the oldest waiting operation has waited
 ``UPLOAD_MAX_DELAY`` times ``upload_quiet`` (5 s), or at once while anyone waits for
 the queue (:meth:`wait_idle`: unmount, ``fsync=remote``, conditional writes) or once
@@ -59,13 +69,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import random
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
@@ -75,7 +89,7 @@ import trio
 
 from megafs.errors import NoSpace, ObjectNotFound, StoreError
 from megafs.stats import RateMeter
-from megafs.stores.base import ObjectInfo, ObjectStore
+from megafs.stores.base import ObjectInfo, ObjectStore, put_computed
 from megafs.stores.retry import retry_observer
 
 log = logging.getLogger(__name__)
@@ -95,6 +109,13 @@ UPLOAD_MAX_DELAY: Final = 5  # times upload_quiet
 #: sealed 4 MiB chunks at the start of a round took a process from 60 to 175 MiB.
 UPLOAD_BYTES_IN_FLIGHT: Final = 48 << 20
 _HEAD = struct.Struct(">4scH")
+# The barrier group of the operations a task stages (0: none); see StagingStore.group.
+_GROUP: ContextVar[int] = ContextVar("megafs_staging_group", default=0)
+_group_ids = itertools.count(1)
+# The uploader's walk of the queue stops after passing this many barriers that must
+# wait (it looks past them for chunks it can start): a walk costs at most this much
+# per finished upload, however long a backlog of deletions is.
+WALK_BLOCKED_MAX: Final = 256
 
 
 @dataclass(eq=False)
@@ -107,6 +128,7 @@ class _Entry:
     synced: bool = False
     done: bool = False
     staged: float = 0.0  # when (trio clock); 0 for one found at mount: due at once
+    group: int = 0  # barrier group (see StagingStore.group); 0: waits for all before it
 
 
 def _encode(op: bytes, key: str, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
@@ -212,6 +234,10 @@ def _read_payload(path: Path) -> bytes:
     return decoded[2]
 
 
+def _keyed_payload(key: str, path: Path) -> tuple[str, bytes]:
+    return key, _read_payload(path)
+
+
 @final
 class StagingStore:
     """Write-back staging in front of ``remote``. See the module docstring."""
@@ -231,7 +257,8 @@ class StagingStore:
     ) -> None:
         self.remote = remote
         self.upload_quiet = upload_quiet
-        self._last_stage = 0.0  # when the newest operation was staged (trio clock)
+        # When the newest operation was staged, or busy() was last called (trio clock).
+        self._last_stage = 0.0
         self._hurry = 0  # callers of wait_idle waiting: uploads do not wait for quiet
         self._now = False  # upload_now was called: the next round starts at once
         # Called (on the event loop's thread) with (key, staged file, offset and size
@@ -388,9 +415,28 @@ class StagingStore:
         """Record operation ``seq``, whose file is written (synchronous)."""
         self._reserved.discard(seq)
         self._last_stage = trio.current_time()
-        entry = _Entry(seq, key, op == b"D", size, self._path_of(seq), staged=self._last_stage)
+        group = _GROUP.get()
+        old = self._entries.get(key)
+        if group and old is not None and not old.done and old.group == group:
+            group = 0  # a key twice in a group: the second waits for the first
+        entry = _Entry(
+            seq, key, op == b"D", size, self._path_of(seq), staged=self._last_stage, group=group
+        )
         self._add(entry)
         return entry
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Barrier operations staged in this context (by this task and the tasks it
+        starts inside it) may be uploaded side by side: each still waits for every
+        operation staged before the group. For objects that reference none of the
+        others, e.g. the directory objects of one metadata commit, written after the
+        objects they reference."""
+        token = _GROUP.set(next(_group_ids))
+        try:
+            yield
+        finally:
+            _GROUP.reset(token)
 
     async def put_computed(
         self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
@@ -566,6 +612,11 @@ class StagingStore:
         finally:
             self._hurry -= 1
 
+    def busy(self) -> None:
+        """Note a change that will be staged later (e.g. a write the filesystem
+        keeps in memory until its next commit): uploads wait for quiet from now."""
+        self._last_stage = trio.current_time()
+
     def upload_now(self) -> None:
         """Start uploading what waits without waiting for writes to pause (a round,
         once started, runs until the queue is empty)."""
@@ -615,13 +666,24 @@ class StagingStore:
                     in_round, self._now = True, False
                 started = False
                 # No await in this loop: it walks the queue itself, not a copy (one
-                # per finished upload was quadratic in a long queue).
+                # per finished upload was quadratic in a long queue). `front` is the
+                # group of every entry walked so far (None: none walked; 0: they are
+                # not all barriers of one group), so a barrier may start iff `front`
+                # is None or its own group.
+                front: int | None = None
+                blocked = 0
                 for seq, e in self._order.items():
+                    barrier = self._is_barrier(e.key) or e.delete
+                    group = e.group if barrier else 0
+                    may_start = front is None or (group != 0 and front == group)
+                    front = group if front is None or front == group else 0
                     if seq in in_flight:
                         continue
-                    barrier = self._is_barrier(e.key) or e.delete
-                    if barrier and next(iter(self._order)) != seq:
-                        break  # a barrier waits for everything staged before it
+                    if barrier and not may_start:
+                        blocked += 1
+                        if blocked > WALK_BLOCKED_MAX:
+                            break
+                        continue  # it waits for what was staged before it; chunks don't
                     if limit.value == 0:
                         break
                     size = 0 if e.delete else e.size
@@ -632,8 +694,6 @@ class StagingStore:
                     self._sending += size
                     nursery.start_soon(self._upload, e, limit, in_flight)
                     started = True
-                    if barrier:
-                        break
                 if started:
                     await trio.lowlevel.checkpoint()  # (let the new uploads run)
                 else:
@@ -665,8 +725,11 @@ class StagingStore:
                     elif await self._on_remote(e):
                         pass  # an immutable object the remote store has already
                     else:
-                        data = await trio.to_thread.run_sync(_read_payload, e.path)
-                        etag = await self.remote.put(e.key, data)
+                        # (read and put in one worker thread where the store can)
+                        etag = await put_computed(
+                            self.remote, functools.partial(_keyed_payload, e.key, e.path)
+                        )
+                        assert etag is not None  # (the computation always returns one)
                         self._etags[e.key] = (f"staged-{e.seq}", etag)
                         sent = e.size
                     break

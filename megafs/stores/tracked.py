@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, TypeVar, final
 
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError
 from megafs.stats import ErrorLog
-from megafs.stores.base import ObjectInfo, ObjectStore
+from megafs.stores.base import ObjectInfo, ObjectStore, put_computed
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -34,23 +34,25 @@ class TrackedStore:
     def url(self) -> str:
         return self.inner.url
 
-    async def _call(self, what: str, op: Awaitable[_T]) -> _T:
+    async def _call(self, what: str | Callable[[], str], op: Awaitable[_T]) -> _T:
+        """Await ``op``, noting how it went; ``what`` names it in the trace (a
+        callable: known only once ``op`` ran)."""
         start = time.monotonic()
         try:
             result = await op
         except (ObjectNotFound, PreconditionFailed) as exc:
             self.errors.ok()  # the store answered
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("store %s: %s (%.3f s)", what, type(exc).__name__, _since(start))
+                log.debug("store %s: %s (%.3f s)", _name(what), type(exc).__name__, _since(start))
             raise
         except StoreError as exc:
             self.errors.error(f"{type(exc).__name__}: {exc}")
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("store %s failed (%.3f s): %s", what, _since(start), exc)
+                log.debug("store %s failed (%.3f s): %s", _name(what), _since(start), exc)
             raise
         self.errors.ok()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("store %s: ok%s (%.3f s)", what, _size(result), _since(start))
+            log.debug("store %s: ok%s (%.3f s)", _name(what), _size(result), _since(start))
         return result
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
@@ -68,6 +70,22 @@ class TrackedStore:
         op = self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
         return await self._call(f"put {key} ({len(data)} bytes)", op)
 
+    async def put_computed(
+        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+    ) -> str | None:
+        put: list[tuple[str, int]] = []
+
+        def noted() -> tuple[str, bytes | bytearray] | None:
+            result = compute()
+            if result is not None:
+                put.append((result[0], len(result[1])))
+            return result
+
+        def what() -> str:
+            return f"put {put[0][0]} ({put[0][1]} bytes)" if put else "put (nothing computed)"
+
+        return await self._call(what, put_computed(self.inner, noted))
+
     async def delete(self, key: str) -> None:
         await self._call(f"delete {key}", self.inner.delete(key))
 
@@ -79,6 +97,10 @@ class TrackedStore:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _name(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
 
 
 def _since(start: float) -> float:

@@ -14,7 +14,9 @@ Concurrency rules (trio, one thread):
 * :meth:`Vfs.commit` runs under ``_commit_lock``. It seals a snapshot of every dirty
   directory and inode object in one synchronous section (clearing the dirty sets
   there), then uploads: inode objects and never-stored directories first, then the
-  rest, then deletes objects that nothing references any more. Chunks are always
+  rest, then deletes objects that nothing references any more (each step is one
+  staging group: its objects reach the store side by side, after everything staged
+  before it; new directories are unreachable until the second step). Chunks are always
   stored before a record that references them is sealed (records only ever hold
   uploaded chunk references), so the store never references a missing object.
   Last it makes the staging area durable, then saves the rollback table (never
@@ -31,6 +33,7 @@ import secrets
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -123,6 +126,13 @@ class WriteBack(Protocol):
 
     def is_pending(self, key: str) -> bool:
         """Whether an object is staged and not yet on the remote store."""
+
+    def busy(self) -> None:
+        """Note that the filesystem just changed (uploads wait for changes to pause)."""
+
+    def group(self) -> AbstractContextManager[None]:
+        """A context whose staged objects may reach the remote store in any order
+        (each after everything staged before the context)."""
 
 
 class Vfs:
@@ -291,6 +301,8 @@ class Vfs:
 
     def _dirty_record(self, node: Node) -> None:
         """Note that ``node``'s record changed and must be committed."""
+        if self.writeback is not None:
+            self.writeback.busy()
         if node.ino == ROOT_INO:
             self._dirty_dirs.add(ROOT_INO)
         elif node.hardlinked:
@@ -1080,10 +1092,16 @@ class Vfs:
             first, later = self._snapshot()
             deletions, self._deletions = self._deletions, []
             try:
+                # Each step's objects reference none of its own (a directory stored
+                # before references only inodes and directories stored before, new
+                # ones are in `first`), so each is one group for the staging area.
                 for batch in (first, later):
-                    await self._put_all(batch)
-                for key in deletions:
-                    await self.volume.delete_object(key)
+                    with self._group():
+                        await self._put_all(batch)
+                with self._group():
+                    async with trio.open_nursery() as n:
+                        for key in deletions:
+                            n.start_soon(self.volume.delete_object, key)
             except BaseException:
                 # Put everything back; the next commit retries it (rewriting an
                 # object that did make it is harmless).
@@ -1098,6 +1116,9 @@ class Vfs:
                 # would read as a rollback at the next mount.
                 await self.writeback.sync()
             await self.volume.save_state()
+
+    def _group(self) -> AbstractContextManager[None]:
+        return nullcontext() if self.writeback is None else self.writeback.group()
 
     async def _put_all(self, batch: list[tuple[SealedObject, Node]]) -> None:
         async def put(obj: SealedObject, node: Node) -> None:

@@ -1,0 +1,248 @@
+"""How staged operations reach the store: barrier groups, the quiet period, the
+status request that waits for the queue, and puts computed in the store's thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import trio
+from conftest import PASSPHRASE, TEST_KDF
+
+from megafs.mount import WAIT_ANSWER_MAX, _upload_now
+from megafs.stores import MemoryStore
+from megafs.stores.base import ObjectStore, put_computed
+from megafs.stores.local import LocalStore
+from megafs.stores.staging import StagingStore
+from megafs.stores.tracked import TrackedStore
+from megafs.testing import FaultyStore
+from megafs.testing.slow import SlowStore
+from megafs.vfs.fs import Ctx, Vfs
+from megafs.volume.check import check_volume
+from megafs.volume.drive import ROOT_INO, Volume
+
+
+def _barrier(key: str) -> bool:
+    return not key.startswith("c/")
+
+
+class _Recording(FaultyStore):
+    """Notes, for each put, which keys were in flight and which were done when it
+    began."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(MemoryStore())
+        self.delay = delay
+        self.flying: set[str] = set()
+        self.finished: list[str] = []
+        self.at_start: dict[str, tuple[set[str], set[str]]] = {}
+
+    async def put(
+        self,
+        key: str,
+        data: bytes | bytearray,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        self.at_start[key] = (set(self.flying), set(self.finished))
+        self.flying.add(key)
+        try:
+            return await super().put(key, data, if_none_match=if_none_match, if_match=if_match)
+        finally:
+            self.flying.discard(key)
+            self.finished.append(key)
+
+
+async def _upload_all(s: StagingStore) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s.run_uploader)
+        with trio.fail_after(20):
+            await s.wait_idle()
+        nursery.cancel_scope.cancel()
+
+
+def test_barriers_of_a_group_go_side_by_side_after_everything_before(tmp_path: Path) -> None:
+    async def main() -> None:
+        remote = _Recording(delay=0.05)
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, concurrency=8)
+        chunks = [f"c/{i}" for i in range(4)]
+        for key in chunks:
+            await s.put(key, b"chunk")
+        group = ["d/a", "d/b", "d/c"]
+        with s.group():
+            async with trio.open_nursery() as n:  # (tasks started inside inherit it)
+                for key in group:
+                    n.start_soon(s.put, key, b"meta")
+        await s.put("d/after", b"meta")
+        await s.put("c/late", b"chunk")
+        await _upload_all(s)
+
+        for key in group:
+            done = remote.at_start[key][1]
+            assert set(chunks) <= done  # everything staged before the group is there
+        assert any(remote.at_start[k][0] & set(group) for k in group)  # side by side
+        assert set(group) <= remote.at_start["d/after"][1]  # a barrier outside waits
+        # A chunk staged after barriers that wait does not wait for them.
+        assert not set(group) <= remote.at_start["c/late"][1]
+        assert "c/late" in remote.finished
+
+    trio.run(main)
+
+
+def test_a_key_twice_in_one_group_is_put_in_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        remote = _Recording(delay=0.05)
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        with s.group():
+            await s.put("d/x", b"v1")
+            await s.put("d/y", b"y")
+            await s.put("d/x", b"v2")
+        await _upload_all(s)
+        assert [k for k in remote.finished if k == "d/x"] == ["d/x", "d/x"]
+        assert await remote.inner.get("d/x") == b"v2"
+
+    trio.run(main)
+
+
+def test_operations_found_at_mount_go_one_barrier_at_a_time(tmp_path: Path) -> None:
+    """Groups are not on disk: after a restart, every barrier waits for all before it."""
+
+    async def main() -> None:
+        s = StagingStore(MemoryStore(), tmp_path, is_barrier=_barrier)
+        with s.group():
+            for key in ("d/a", "d/b"):
+                await s.put(key, b"meta")
+        await s.sync()
+        remote = _Recording(delay=0.02)
+        again = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        await _upload_all(again)
+        assert remote.at_start["d/b"][1] == {"d/a"} or remote.at_start["d/a"][1] == {"d/b"}
+
+    trio.run(main)
+
+
+def test_uploads_wait_while_the_filesystem_is_busy(tmp_path: Path) -> None:
+    """busy() (a change the filesystem stages at its next commit) restarts the quiet
+    period like a staged operation does."""
+
+    async def main() -> None:
+        remote = FaultyStore(MemoryStore())
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, upload_quiet=0.5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            await s.put("c/0", b"x")
+            for _ in range(4):
+                await trio.sleep(0.3)
+                s.busy()
+            assert remote.puts == []
+            with trio.fail_after(5):
+                while s.pending_count:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert remote.puts == ["c/0"]
+
+    trio.run(main)
+
+
+def test_the_wait_request_is_answered_when_the_queue_is_empty_or_after_a_while(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        remote = FaultyStore(MemoryStore())
+        remote.delay = 0.1
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, upload_quiet=60.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.run_uploader)
+            await s.put("c/0", b"x")
+            start = trio.current_time()
+            await _upload_now(s)  # uploads start at once (no quiet period)
+            assert s.pending_count == 0
+            assert trio.current_time() - start < WAIT_ANSWER_MAX
+
+            remote.delay = 30.0  # a stalled store: answered anyway, with the backlog
+            await s.put("c/1", b"y")
+            start = trio.current_time()
+            await _upload_now(s)
+            assert s.pending_count == 1
+            assert trio.current_time() - start >= WAIT_ANSWER_MAX
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_put_computed_through_the_store_wrappers(tmp_path: Path) -> None:
+    """The computation runs in a worker thread and its result is put, by every store
+    and wrapper (in one thread where the store can); None puts nothing."""
+    threads: list[bool] = []
+
+    def compute(key: str) -> tuple[str, bytes]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return key, key.encode() * 3
+
+    def nothing() -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+
+    async def main() -> None:
+        local = LocalStore(tmp_path)
+        memory = MemoryStore()
+        stores: list[tuple[ObjectStore, ObjectStore]] = [
+            (local, local),
+            (TrackedStore(local), local),
+            (SlowStore(local, latency=0.01, bandwidth=1e6), local),
+            (TrackedStore(SlowStore(memory, latency=0.01)), memory),
+        ]
+        for n, (store, inner) in enumerate(stores):
+            key = f"c/k{n}"
+            etag = await put_computed(store, lambda k=key: compute(k))  # type: ignore[misc]
+            assert etag is not None
+            assert await inner.get(key) == key.encode() * 3
+            assert (await inner.head(key)).etag == etag
+            assert await put_computed(store, nothing) is None
+        assert len(threads) == 2 * len(stores) and not any(threads)
+        assert len(await local.list("c/")) == 3
+
+    trio.run(main)
+
+
+def test_a_commit_stages_its_directories_in_groups(tmp_path: Path) -> None:
+    """New directories form one group, the directories they are linked into a later
+    one, deletions a third; uploaded, the volume checks clean."""
+    ctx = Ctx(0, 0)
+
+    async def main() -> None:
+        store = MemoryStore()
+        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        volume = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
+        staging = StagingStore(store, tmp_path / "staging", is_barrier=_barrier)
+        volume.store = staging
+        vfs = Vfs(volume, writeback=staging)
+        await vfs.start()
+        a = (await vfs.mkdir(ROOT_INO, b"a", 0o755, ctx)).ino
+        await vfs.mkdir(a, b"b", 0o755, ctx)
+        await vfs.mkdir(ROOT_INO, b"c", 0o755, ctx)
+        await vfs.commit()
+        entries = list(staging._order.values())
+        root = volume.dir_key(ROOT_INO)
+        new = [e for e in entries if e.key != root]
+        assert len(new) == 3 and len({e.group for e in new}) == 1 and new[0].group
+        (root_entry,) = [e for e in entries if e.key == root]
+        assert root_entry.group not in (0, new[0].group)
+        assert root_entry.seq > max(e.seq for e in new)
+
+        await vfs.rmdir(ROOT_INO, b"c")
+        await vfs.mkdir(ROOT_INO, b"d", 0o755, ctx)
+        await vfs.commit()
+        later = [e for e in staging._order.values() if e.seq > root_entry.seq]
+        (gone,) = [e for e in later if e.delete]
+        assert gone.group and gone.seq == max(e.seq for e in later)
+        assert all(e.group not in (0, gone.group) for e in later if not e.delete)
+
+        await _upload_all(staging)
+        await vfs.close()
+        fresh = await Volume.open(store, PASSPHRASE.encode())
+        report = await check_volume(fresh, deep=True)
+        assert report.ok, report.problems
+        assert report.directories == 4  # the root, a, a/b, d
+
+    trio.run(main)
