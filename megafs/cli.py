@@ -17,28 +17,21 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-import trio
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from megafs import exitcodes, filecmds, mounthelper
 from megafs.config import UsageError, parse_options, read_passphrase
+from megafs.control import PID_XATTR, STATUS_XATTR, WAIT_XATTR, MountError, mounted_at
 from megafs.errors import MegafsError, VolumeError
-from megafs.mount import (
-    PID_XATTR,
-    STATUS_XATTR,
-    WAIT_XATTR,
-    MountError,
-    check_mountpoint,
-    mounted_at,
-    run_daemon,
-    run_foreground,
-)
 from megafs.progress import ProgressLine, human_bytes
-from megafs.stores import LocalStore, ObjectStore, open_store
-from megafs.volume import maintenance
-from megafs.volume.check import Report
-from megafs.volume.drive import Volume
+
+# The mount code, trio, the stores and the volume are imported by the commands that
+# use them: `megafs status` and `megafs umount` (run by every bench settle and by
+# scripts polling a mount) start in ~0.1 s instead of ~0.6 s.
+if TYPE_CHECKING:
+    from megafs.stores import ObjectStore
+    from megafs.volume import maintenance
+    from megafs.volume.check import Report
 
 log = logging.getLogger("megafs")
 _T = TypeVar("_T")
@@ -210,6 +203,11 @@ def _add_maintenance_parsers(sub: Any) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    import trio
+
+    from megafs.stores import LocalStore, open_store
+    from megafs.volume.drive import Volume
+
     store = open_store(args.store)
     if isinstance(store, LocalStore):
         if store.root.exists() and not store.root.is_dir():
@@ -226,6 +224,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from megafs.mount import check_mountpoint, run_daemon, run_foreground
+    from megafs.volume import maintenance
+
     opts = parse_options(args.options)
     passphrase_file = args.passphrase_file or opts.passphrase_file
     _setup_logging(args.debug or opts.debug)
@@ -252,6 +253,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_link(args: argparse.Namespace) -> int:
     target = filecmds.parse_target(args.path) if ":" in args.path else None
     if args.path.startswith("mega://"):
+        import trio
+
         from megafs.mega.mount import link_for_path
 
         url = args.path  # mega://EMAIL/PATH, or mega://EMAIL:/PATH as the file commands say
@@ -288,6 +291,8 @@ def _names_a_volume(arg: str, target: filecmds.Target | None) -> bool:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
+    import trio
+
     from megafs.mega.mount import logout_account
 
     opts = parse_options(args.options)
@@ -512,6 +517,8 @@ def _alive(pid: int) -> bool:
 
 def _secret(args: argparse.Namespace) -> maintenance.Secret:
     """The passphrase, or the master key from ``--key-file``."""
+    from megafs.volume import maintenance
+
     if getattr(args, "key_file", None) is not None:
         if args.passphrase_file is not None:
             raise UsageError("give --passphrase-file or --key-file, not both")
@@ -547,6 +554,8 @@ def _new_passphrase(args: argparse.Namespace) -> bytes:
 
 
 def _maintenance_store(url: str) -> ObjectStore:
+    from megafs.stores import LocalStore, open_store
+
     store = open_store(url)
     if isinstance(store, LocalStore) and not store.root.is_dir():
         raise UsageError(f"store {url} does not exist")
@@ -554,6 +563,8 @@ def _maintenance_store(url: str) -> ObjectStore:
 
 
 def _run_on_store(url: str, fn: Callable[[ObjectStore], Awaitable[_T]]) -> _T:
+    import trio
+
     store = _maintenance_store(url)
 
     async def run() -> _T:
@@ -604,6 +615,8 @@ class _WalkProgress:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
+    from megafs.volume import maintenance
+
     old = _secret(args)
     new = _new_passphrase(args)
     _run_on_store(args.store, lambda store: maintenance.change_passphrase(store, old, new))
@@ -612,6 +625,8 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    from megafs.volume import maintenance
+
     secret = _secret(args)
     progress = _WalkProgress("checking")
 
@@ -637,6 +652,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from megafs.volume import maintenance
+
     secret = _secret(args)
     progress = _WalkProgress("scanning")
 
@@ -687,6 +704,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_export_key(args: argparse.Namespace) -> int:
+    from megafs.volume import maintenance
+
     passphrase = read_passphrase(args.passphrase_file)
     if args.key_file is not None and os.path.lexists(args.key_file):
         raise UsageError(f"{args.key_file} already exists; not overwriting it")

@@ -38,15 +38,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
-
-import trio
+from typing import TYPE_CHECKING, Any, Final
 
 from megafs import exitcodes
 from megafs.config import UsageError, read_passphrase
 from megafs.errors import MegafsError
-from megafs.mega.stack import SCHEME as MEGA_SCHEME
-from megafs.sdk import Drive, PathError, open_drive
+
+if TYPE_CHECKING:
+    from megafs.sdk import Drive
 
 PIECE: Final = 1 << 20
 
@@ -154,6 +153,13 @@ def _run(
     *,
     read_only: bool,
 ) -> int:
+    # (imported here: `megafs status` and `umount` load this module too, and start
+    # faster without the drive and trio)
+    import trio
+
+    from megafs.mega.stack import SCHEME as MEGA_SCHEME
+    from megafs.sdk import PathError, open_drive
+
     stores = {t.store for t in targets}
     if len(stores) != 1:
         raise UsageError("all paths must be on the same store")

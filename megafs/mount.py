@@ -34,11 +34,12 @@ import trio
 
 from megafs import exitcodes, fuse_loop, memory, sdnotify
 from megafs.config import MountOptions
+from megafs.control import PID_XATTR, STATUS_XATTR, WAIT_XATTR, MountError, mounted_at
 from megafs.errors import MegafsError
 from megafs.fuse_ops import Operations
 from megafs.kernel_cache import invalidate
 from megafs.mega.fs import MegaVfs
-from megafs.stack import OpenError, open_stack
+from megafs.stack import open_stack
 from megafs.stats import RATE_WINDOW, ErrorLog, hit_rate
 from megafs.stores.staging import StagingStore
 from megafs.stores.tracked import TrackedStore, track_store
@@ -50,12 +51,6 @@ from megafs.volume.maintenance import Secret
 
 log = logging.getLogger(__name__)
 
-PID_XATTR = b"user.megafs.pid"
-STATUS_XATTR = b"user.megafs.status"
-# The status document too, and a request to upload what waits at once instead of when
-# writes pause (StagingStore.upload_now): read by `megafs status --wait-idle` and
-# `megafs umount` while they wait.
-WAIT_XATTR = b"user.megafs.status.wait"
 # How long the mount holds a WAIT_XATTR request while uploads run (it answers as soon
 # as nothing waits): the caller then asks about twice a second, not ten times, and
 # hears of the end at once. (Each status document walks the inode table: asked 10
@@ -63,37 +58,6 @@ WAIT_XATTR = b"user.megafs.status.wait"
 # were uploaded.)
 WAIT_ANSWER_MAX: Final = 0.5
 READ_AHEAD_KB = 1024
-
-
-class MountError(OpenError):
-    """The mountpoint cannot be used."""
-
-    exit_code = exitcodes.MOUNTPOINT_ERROR
-
-
-def mounted_at(path: Path, resolved: bool = False) -> bool:
-    """Whether something is mounted exactly at ``path`` (from /proc/self/mountinfo).
-
-    ``resolved``: ``path`` is already absolute and free of symlinks, so it is not
-    looked at. The daemon must say so for its own mountpoint once its request loop
-    has ended: resolving the path stats the mount's root, a request nobody would
-    answer (the daemon hung there on SIGTERM)."""
-    target = str(path) if resolved else os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return True
-    except OSError:
-        return os.path.ismount(target)
-    return False
-
-
-def _unescape(s: str) -> str:
-    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        s = s.replace(code, ch)
-    return s
 
 
 def check_mountpoint(path: Path) -> None:
@@ -148,11 +112,14 @@ class _Ops(Operations):
         return await super().getxattr(inode, name, ctx)
 
 
-async def _upload_now(staging: StagingStore) -> None:
-    """Start uploading what waits at once; return when nothing waits, or after
-    WAIT_ANSWER_MAX seconds."""
-    staging.upload_now()
+async def _upload_now(staging: StagingStore, vfs: Vfs | None = None) -> None:
+    """Commit what ``vfs`` holds in memory and start uploading what waits, at once;
+    return when nothing waits, or after WAIT_ANSWER_MAX seconds."""
     with trio.move_on_after(WAIT_ANSWER_MAX):
+        staging.upload_now()
+        if vfs is not None:
+            await vfs.commit_now()  # (the last second of a `cp`: not a second later)
+        staging.upload_now()
         await staging.wait_idle()
 
 
@@ -182,7 +149,7 @@ async def serve(
         staging, lease, lock = stack.staging, stack.lease, stack.lock
         vfs.invalidate = invalidate
         status = _StatusView(vfs, staging, cache, lease, track_store(volume, staging))
-        upload_now = partial(_upload_now, staging) if staging is not None else None
+        upload_now = partial(_upload_now, staging, vfs) if staging is not None else None
         pyfuse3.init(_Ops(vfs, status, upload_now), str(mountpoint), opts.fuse_options(store.url))
     except MegafsError as exc:
         ready(exc)

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import trio
 
-from megafs import exitcodes
 from megafs.config import MountOptions
-from megafs.errors import MegafsError
+from megafs.control import OpenError
 from megafs.stores import LocalStore, ObjectStore, open_store
 from megafs.stores.staging import StagingStore
 from megafs.testing.slow import SlowStore
@@ -40,13 +39,6 @@ from megafs.vfs.fs import Vfs
 from megafs.volume.drive import Volume
 from megafs.volume.lease import Lease
 from megafs.volume.maintenance import Secret, unlock
-
-
-class OpenError(MegafsError):
-    """The volume cannot be opened here: the store does not exist, or its local state
-    is in use by another process."""
-
-    exit_code = exitcodes.MOUNTPOINT_ERROR
 
 
 def space_of(store: object) -> Callable[[], tuple[int, int]] | None:

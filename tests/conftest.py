@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from megafs.mount import mounted_at
+from megafs.control import mounted_at
 from megafs.stores import LocalStore
 from megafs.testing.megaemu.client import EmuClient
 from megafs.testing.megaemu.process import EmulatorProcess, start_emulator

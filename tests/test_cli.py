@@ -12,8 +12,8 @@ import pytest
 from conftest import MEGAFS, PASSPHRASE, Mount, make_volume, needs_fuse, new_mount
 
 from megafs import exitcodes
+from megafs.control import mounted_at
 from megafs.format import HEADER_KEY
-from megafs.mount import mounted_at
 
 
 def megafs(
@@ -203,3 +203,17 @@ def test_unknown_mount_option(tmp_path: Path) -> None:
         exitcodes.USAGE,
         "unknown mount option",
     )
+
+
+def test_status_and_umount_start_without_the_mount_code() -> None:
+    """`megafs status` and `umount` (polled by scripts, run by every settle) import
+    neither trio nor the mount, store or volume code: they start in ~0.1 s."""
+    probe = (
+        "import sys, megafs.cli; "
+        "print(sorted(m for m in ('trio', 'megafs.mount', 'megafs.stores', 'megafs.volume', "
+        "'megafs.sdk', 'megafs.mega') if m in sys.modules))"
+    )
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -27,8 +27,8 @@ from pathlib import Path
 import trio
 from conftest import MEGAFS, PASSPHRASE, Mount, needs_fuse, new_mount
 
+from megafs.control import mounted_at
 from megafs.format import chunks as fchunks
-from megafs.mount import mounted_at
 from megafs.stores import LocalStore
 from megafs.volume.check import check_volume
 from megafs.volume.drive import ROOT_INO, Volume

@@ -18,8 +18,8 @@ import trio
 from conftest import PASSPHRASE, TEST_KDF, cold_read, needs_fuse, new_mount
 from test_crash import assert_volume_ok, read_from_store, staged, wait_idle
 
+from megafs.control import mounted_at
 from megafs.errors import errno_for
-from megafs.mount import mounted_at
 from megafs.stores import MemoryStore
 from megafs.stores.staging import StagingStore
 from megafs.testing import FaultyStore

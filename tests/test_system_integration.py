@@ -27,7 +27,8 @@ from conftest import MEGAFS, PASSPHRASE, Listener, needs_fuse
 
 from megafs import mounthelper, sdnotify
 from megafs.config import UsageError, parse_options
-from megafs.mount import mounted_at, status_line
+from megafs.control import mounted_at
+from megafs.mount import status_line
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,6 +3,7 @@ status request that waits for the queue, and puts computed in the store's thread
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -244,5 +245,36 @@ def test_a_commit_stages_its_directories_in_groups(tmp_path: Path) -> None:
         report = await check_volume(fresh, deep=True)
         assert report.ok, report.problems
         assert report.directories == 4  # the root, a, a/b, d
+
+    trio.run(main)
+
+
+def test_a_waiting_status_request_has_the_committer_commit_at_once(tmp_path: Path) -> None:
+    """What the vfs holds in memory is staged when someone waits for the store, not
+    a commit interval later."""
+    ctx = Ctx(0, 0)
+
+    async def main() -> None:
+        store = MemoryStore()
+        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        volume = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
+        staging = StagingStore(store, tmp_path / "staging", is_barrier=_barrier)
+        volume.store = staging
+        vfs = Vfs(volume, writeback=staging, commit_interval=3600.0)
+        await vfs.start()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vfs.run_committer)
+            nursery.start_soon(staging.run_uploader)
+            fh, _ = await vfs.create(ROOT_INO, b"f", 0o644, os.O_WRONLY, ctx)
+            await vfs.write(fh, 0, b"x" * 10_000)
+            await vfs.release(fh)
+            await trio.sleep(0.2)
+            assert vfs.dirty_file_count() == 1
+            with trio.fail_after(10):
+                while vfs.dirty_file_count() or staging.pending_count:
+                    await _upload_now(staging, vfs)
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        await vfs.close()
 
     trio.run(main)

@@ -23,6 +23,7 @@ import trio
 
 from megafs import fuse_loop, sdnotify
 from megafs.config import MountOptions
+from megafs.control import MountError, mounted_at
 from megafs.errors import MegafsError
 from megafs.kernel_cache import invalidate
 from megafs.mega.api import MegaApi
@@ -38,11 +39,9 @@ from megafs.mega.stack import (
     parse_mega_url,
 )
 from megafs.mount import (
-    MountError,
     _on_signal,
     _raise_read_ahead,
     check_mountpoint,
-    mounted_at,
     report_status,
 )
 from megafs.stack import lock_local_state

@@ -183,6 +183,8 @@ class Vfs:
         self.dir_cache_time = dir_cache_time if self.read_only else 0.0
         self._dir_etags: dict[int, str | None] = {}  # dir ino -> ETag its entries came from
         #: Drops the kernel's caches of changed entries/inodes (set by the mount code).
+        self._commit_soon = trio.Event()  # set: the committer commits at once
+        self._commit_done = trio.Event()  # set when the next commit cycle to start ends
         self.invalidate: Callable[[list[tuple[int, bytes | None]]], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -207,12 +209,26 @@ class Vfs:
             self.io.start(nursery)
             task_status.started()
             while True:
-                await trio.sleep(self.commit_interval)
+                with trio.move_on_after(self.commit_interval):
+                    await self._commit_soon.wait()
+                # (no await from here to the sync: commit_now() waits for this cycle's
+                # event only if it asked before the cycle started)
+                self._commit_soon = trio.Event()
+                cycle, self._commit_done = self._commit_done, trio.Event()
                 try:
                     await self.sync()
                 except MegafsError as exc:
                     self.errors += 1
                     log.error("background commit failed (will retry): %s", exc)
+                cycle.set()
+
+    async def commit_now(self) -> None:
+        """Have the committer (:meth:`run_committer`) commit now, not at its next
+        tick, and return when a commit that started after the call has ended (the
+        caller waits for everything to reach the store)."""
+        done = self._commit_done
+        self._commit_soon.set()
+        await done.wait()
 
     async def sync(self) -> None:
         """Store all dirty file content, commit all dirty metadata, and make it

@@ -30,8 +30,8 @@ import pytest
 import trio
 from conftest import PASSPHRASE, TEST_KDF, Mount, make_volume, new_mount, serving
 
+from megafs.control import STATUS_XATTR, mounted_at
 from megafs.errors import FsError
-from megafs.mount import STATUS_XATTR, mounted_at
 from megafs.sdk._drive import setxattr_flagged
 from megafs.stores import LocalStore, MemoryStore, ObjectStore, open_store
 from megafs.vfs.fs import ROOT_INO, Ctx, Vfs
