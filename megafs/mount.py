@@ -119,8 +119,7 @@ async def _upload_now(staging: StagingStore, vfs: Vfs | None = None) -> None:
         staging.upload_now()
         if vfs is not None:
             await vfs.commit_now()  # (the last second of a `cp`: not a second later)
-        staging.upload_now()
-        await staging.wait_idle()
+        await staging.wait_idle()  # (uploads what the commit staged without a pause)
 
 
 async def serve(

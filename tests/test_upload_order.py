@@ -206,6 +206,19 @@ def test_put_computed_through_the_store_wrappers(tmp_path: Path) -> None:
     trio.run(main)
 
 
+async def _vfs_over_staging(
+    store: MemoryStore, tmp_path: Path, commit_interval: float = 1.0
+) -> tuple[Vfs, StagingStore]:
+    """A new volume on ``store``, opened with a staging area (no uploader running)."""
+    await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+    volume = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
+    staging = StagingStore(store, tmp_path / "staging", is_barrier=_barrier)
+    volume.store = staging
+    vfs = Vfs(volume, writeback=staging, commit_interval=commit_interval)
+    await vfs.start()
+    return vfs, staging
+
+
 def test_a_commit_stages_its_directories_in_groups(tmp_path: Path) -> None:
     """New directories form one group, the directories they are linked into a later
     one, deletions a third; uploaded, the volume checks clean."""
@@ -213,12 +226,8 @@ def test_a_commit_stages_its_directories_in_groups(tmp_path: Path) -> None:
 
     async def main() -> None:
         store = MemoryStore()
-        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
-        volume = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
-        staging = StagingStore(store, tmp_path / "staging", is_barrier=_barrier)
-        volume.store = staging
-        vfs = Vfs(volume, writeback=staging)
-        await vfs.start()
+        vfs, staging = await _vfs_over_staging(store, tmp_path)
+        volume = vfs.volume
         a = (await vfs.mkdir(ROOT_INO, b"a", 0o755, ctx)).ino
         await vfs.mkdir(a, b"b", 0o755, ctx)
         await vfs.mkdir(ROOT_INO, b"c", 0o755, ctx)
@@ -255,13 +264,7 @@ def test_a_waiting_status_request_has_the_committer_commit_at_once(tmp_path: Pat
     ctx = Ctx(0, 0)
 
     async def main() -> None:
-        store = MemoryStore()
-        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
-        volume = await Volume.open(store, PASSPHRASE.encode(), state_root=tmp_path)
-        staging = StagingStore(store, tmp_path / "staging", is_barrier=_barrier)
-        volume.store = staging
-        vfs = Vfs(volume, writeback=staging, commit_interval=3600.0)
-        await vfs.start()
+        vfs, staging = await _vfs_over_staging(MemoryStore(), tmp_path, commit_interval=3600.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(vfs.run_committer)
             nursery.start_soon(staging.run_uploader)
