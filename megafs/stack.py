@@ -136,7 +136,7 @@ async def open_stack(store_url: str, secret: Secret, opts: MountOptions) -> Volu
                 is_barrier=is_barrier,
                 max_pending_bytes=opts.staging_max_bytes(local),
                 on_full=cache.make_room,  # staged changes come before cached copies
-                on_uploaded=cache.adopt,  # uploaded chunks stay cached: no copy made
+                adopter=cache,  # uploaded chunks stay cached: no copy made
                 upload_quiet=opts.upload_delay,
             )
             volume.store = staging

@@ -8,10 +8,12 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from megafs.errors import StoreError
 from megafs.format import chunks as fchunks
 from megafs.format.records import ChunkRef
 from megafs.stores import MemoryStore
 from megafs.stores.staging import StagingStore
+from megafs.testing import FaultyStore
 from megafs.vfs.chunkcache import HEADER, ChunkCache
 
 AEAD = AESGCM(bytes(range(32)))
@@ -83,6 +85,42 @@ def test_cap_evicts_whole_chunks_least_recently_used(tmp_path: Path) -> None:
     trio.run(main)
 
 
+def test_a_failed_upload_gives_the_claimed_cache_file_back(tmp_path: Path) -> None:
+    """While a staged chunk's upload fails, the cached blocks it was to replace are
+    still served; the retry that succeeds moves the staged file in (in the put's
+    worker thread) and leaves nothing claimed."""
+    ref, plain, sealed = _chunk(-2, 3 * BS + 7)
+    key = fchunks.chunk_key(ref.cid)
+
+    async def main() -> None:
+        cache = _cache(tmp_path / "chunks")
+        await cache.fill(ref, 0, sealed[:SBS])  # block 0 cached (from an earlier read)
+        remote = FaultyStore(MemoryStore())
+        remote.fail_next("put", StoreError("store down"))
+        staging = StagingStore(
+            remote, tmp_path / "staging", is_barrier=lambda k: False, adopter=cache
+        )
+        await staging.put(key, sealed)
+        inode = next((tmp_path / "staging").glob("*.op")).stat().st_ino
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(staging.run_uploader)
+            staging.upload_now()
+            while staging.last_error is None:
+                await trio.sleep(0.001)
+            assert not cache._adopting  # given back at once
+            assert list(await cache.get_many(ref, 0, 4)) == [0]  # the old block, kept
+            await staging.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert not cache._adopting
+        assert list((tmp_path / "staging").glob("*.op")) == []
+        files = [f for f in (tmp_path / "chunks").rglob("*") if f.is_file()]
+        assert [f.stat().st_ino for f in files] == [inode]
+        got = await cache.get_many(ref, 0, 4)
+        assert b"".join(got[j] for j in range(4)) == plain
+
+    trio.run(main)
+
+
 def test_uploaded_staged_chunks_are_adopted_without_a_copy(tmp_path: Path) -> None:
     """A staged chunk, once uploaded, is renamed into the cache (no second copy);
     the cache reads it at the staging layout's offset, also after a reopen."""
@@ -93,7 +131,7 @@ def test_uploaded_staged_chunks_are_adopted_without_a_copy(tmp_path: Path) -> No
         cache = _cache(tmp_path / "chunks")
         remote = MemoryStore()
         staging = StagingStore(
-            remote, tmp_path / "staging", is_barrier=lambda k: False, on_uploaded=cache.adopt
+            remote, tmp_path / "staging", is_barrier=lambda k: False, adopter=cache
         )
         await staging.put(key, sealed)
         await staging.put("d/x", b"not a chunk")

@@ -336,9 +336,7 @@ def test_stalled_store_does_not_block_cached_reads_or_staged_writes(tmp_path: Pa
         cache = ChunkCache(
             local / "chunks", volume.keys.cache, volume.open_blocks, max_bytes=1 << 30
         )
-        staging = StagingStore(
-            faulty, local / "staging", is_barrier=_is_barrier, on_uploaded=cache.adopt
-        )
+        staging = StagingStore(faulty, local / "staging", is_barrier=_is_barrier, adopter=cache)
         volume.store = staging
         vfs = Vfs(volume, commit_interval=0.2, block_cache=cache, writeback=staging)
         await vfs.start()
@@ -351,7 +349,7 @@ def test_stalled_store_does_not_block_cached_reads_or_staged_writes(tmp_path: Pa
             await vfs.fsync(fh)
             await vfs.release(fh)
             await staging.wait_idle()
-            # (never read: uploaded chunks stay in the chunk cache, ChunkCache.adopt)
+            # (never read: uploaded chunks stay in the chunk cache, ChunkCache.claim)
 
             faulty.delay = 3600  # the store stops answering
             with trio.fail_after(2):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 from conftest import PASSPHRASE, TEST_KDF
 
@@ -172,35 +174,58 @@ def test_the_wait_request_is_answered_when_the_queue_is_empty_or_after_a_while(
     trio.run(main)
 
 
-def test_put_computed_through_the_store_wrappers(tmp_path: Path) -> None:
+def test_put_computed_through_the_store_wrappers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The computation runs in a worker thread and its result is put, by every store
-    and wrapper (in one thread where the store can); None puts nothing."""
-    threads: list[bool] = []
+    and wrapper; then ``after`` runs, once the store holds the object, in the same
+    worker thread call where the store can (one hop); None puts nothing and runs
+    nothing after."""
+    threads: list[int] = []
+    afters: list[tuple[int, bool]] = []
+    hops: list[str] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Callable[..., object], *args: object, **kw: object) -> object:
+        hops.append(getattr(fn, "__name__", "?"))
+        return await run_sync(fn, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
 
     def compute(key: str) -> tuple[str, bytes]:
-        threads.append(threading.current_thread() is threading.main_thread())
+        threads.append(threading.get_ident())
         return key, key.encode() * 3
 
     def nothing() -> None:
-        threads.append(threading.current_thread() is threading.main_thread())
+        threads.append(threading.get_ident())
 
     async def main() -> None:
         local = LocalStore(tmp_path)
         memory = MemoryStore()
-        stores: list[tuple[ObjectStore, ObjectStore]] = [
-            (local, local),
-            (TrackedStore(local), local),
-            (SlowStore(local, latency=0.01, bandwidth=1e6), local),
-            (TrackedStore(SlowStore(memory, latency=0.01)), memory),
+        stores: list[tuple[ObjectStore, ObjectStore, bool]] = [
+            (local, local, True),
+            (TrackedStore(local), local, True),
+            (SlowStore(local, latency=0.01, bandwidth=1e6), local, True),
+            (TrackedStore(SlowStore(memory, latency=0.01)), memory, False),
         ]
-        for n, (store, inner) in enumerate(stores):
+        for n, (store, inner, one_thread) in enumerate(stores):
             key = f"c/k{n}"
-            etag = await put_computed(store, lambda k=key: compute(k))  # type: ignore[misc]
+            held = (tmp_path / "c" / f"k{n}").exists if inner is local else lambda: True
+
+            def after(held: Callable[[], bool] = held) -> None:
+                afters.append((threading.get_ident(), held()))
+
+            hops.clear()
+            etag = await put_computed(store, lambda k=key: compute(k), after)  # type: ignore[misc]
+            assert len(hops) == (1 if one_thread else 2), hops
             assert etag is not None
             assert await inner.get(key) == key.encode() * 3
             assert (await inner.head(key)).etag == etag
-            assert await put_computed(store, nothing) is None
-        assert len(threads) == 2 * len(stores) and not any(threads)
+            assert afters[-1][1]  # the object was stored when it ran
+            assert afters[-1][0] != threading.main_thread().ident
+            assert await put_computed(store, nothing, after) is None
+            assert len(afters) == n + 1
+        assert threading.main_thread().ident not in threads
         assert len(await local.list("c/")) == 3
 
     trio.run(main)

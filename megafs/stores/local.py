@@ -273,11 +273,14 @@ class LocalStore:
         return await trio.to_thread.run_sync(self._put_sync, key, data, if_none_match, if_match)
 
     async def put_computed(
-        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+        self,
+        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        after: Callable[[], None] | None = None,
     ) -> str | None:
-        """``put`` of what ``compute`` returns, both in one worker thread (see
-        :func:`megafs.stores.base.put_computed`): the staging area's uploads read
-        the staged file and write the object with one thread hop, not two."""
+        """``put`` of what ``compute`` returns, then ``after``, all in one worker
+        thread (see :func:`megafs.stores.base.put_computed`): the staging area's
+        uploads read the staged file, write the object and move the staged file into
+        the cache with one thread hop, not three."""
 
         def work() -> str | None:
             result = compute()
@@ -285,7 +288,10 @@ class LocalStore:
                 return None
             key, data = result
             validate_key(key)
-            return self._put_sync(key, data, False, None)
+            etag = self._put_sync(key, data, False, None)
+            if after is not None:
+                after()
+            return etag
 
         return await trio.to_thread.run_sync(work)
 

@@ -77,12 +77,12 @@ import os
 import random
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, final
+from typing import Final, Protocol, final
 
 import blake3
 import trio
@@ -116,6 +116,36 @@ _group_ids = itertools.count(1)
 # wait (it looks past them for chunks it can start): a walk costs at most this much
 # per finished upload, however long a backlog of deletions is.
 WALK_BLOCKED_MAX: Final = 256
+
+
+class Claim(Protocol):
+    """A staged file an :class:`Adopter` takes once its object is uploaded."""
+
+    def move(self, path: Path) -> bool:
+        """Take the file ``path`` (rename it); whether it did. Any thread."""
+        ...
+
+    def done(self, moved: bool) -> None:
+        """The outcome of :meth:`move` (False: not called, or failed); exactly once,
+        on the event loop's thread."""
+        ...
+
+
+class Adopter(Protocol):
+    """Takes the staged files of uploaded immutable objects (the chunk cache)."""
+
+    def claim(self, key: str, offset: int, size: int) -> Claim | None:
+        """Reserve the staged file of ``key`` (its object is ``size`` bytes at
+        ``offset`` in it), about to be uploaded; None if not wanted (it is deleted)."""
+        ...
+
+
+def _remove(path: Path) -> None:
+    """Delete an uploaded operation's staged file (any thread)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # (left behind: uploaded again at the next mount)
+        log.warning("staging: cannot remove %s: %s", path, exc.strerror or exc)
 
 
 @dataclass(eq=False)
@@ -252,7 +282,7 @@ class StagingStore:
         concurrency: int = 32,
         bytes_in_flight: int = UPLOAD_BYTES_IN_FLIGHT,
         on_full: Callable[[], bool] | None = None,
-        on_uploaded: Callable[[str, Path, int, int], Awaitable[bool]] | None = None,
+        adopter: Adopter | None = None,
         upload_quiet: float = UPLOAD_QUIET,
     ) -> None:
         self.remote = remote
@@ -261,10 +291,9 @@ class StagingStore:
         self._last_stage = 0.0
         self._hurry = 0  # callers of wait_idle waiting: uploads do not wait for quiet
         self._now = False  # upload_now was called: the next round starts at once
-        # Called (on the event loop's thread) with (key, staged file, offset and size
-        # of the data in it) when an immutable object is on the remote store: True if
-        # it took the file (e.g. a cache renamed it into itself), else it is deleted.
-        self._on_uploaded = on_uploaded
+        # Takes the staged files of uploaded immutable objects (a cache renames them
+        # into itself); the files it does not take are deleted.
+        self._adopter = adopter
         self.directory = directory
         self._is_barrier = is_barrier
         # Called when the disk is full: frees space if it can (e.g. evicts a cache
@@ -439,11 +468,13 @@ class StagingStore:
             _GROUP.reset(token)
 
     async def put_computed(
-        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+        self,
+        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        after: Callable[[], None] | None = None,
     ) -> str | None:
         """Run ``compute`` in a worker thread and stage the unconditional put it
-        returns, ``(key, data)``, in that same thread; None (nothing staged) if it
-        returns None. For the volume's chunks: hashing and sealing a chunk and then
+        returns, ``(key, data)``, in that same thread, then ``after``; None (nothing
+        staged) if it returns None. For the volume's chunks: hashing and sealing a chunk and then
         staging it took two thread hops, and each waits for the event loop's thread,
         which a streaming write keeps busy answering the kernel (measured: a 4 MiB
         chunk's hop back took 3 ms on top of the 7 ms of sealing it)."""
@@ -459,6 +490,8 @@ class StagingStore:
                 self._write_file(seq, b"P", key, data)
             except OSError as exc:
                 return key, data, exc
+            if after is not None:
+                after()
             return key, data, None
 
         try:
@@ -472,7 +505,10 @@ class StagingStore:
         key, data, error = done
         if error is not None:  # the ordinary path makes room and retries, or reports it
             self._release_seq(seq)
-            return await self.put(key, data)
+            etag = await self.put(key, data)
+            if after is not None:
+                await trio.to_thread.run_sync(after)
+            return etag
         return f"staged-{self._staged_entry(seq, b'P', key, len(data)).seq}"
 
     async def put(
@@ -715,23 +751,11 @@ class StagingStore:
 
     async def _upload(self, e: _Entry, limit: trio.Semaphore, in_flight: set[int]) -> None:
         delay = 0.2
-        sent = 0
         self.upload_rate.busy()
         try:
             while True:
                 try:
-                    if e.delete:
-                        await self.remote.delete(e.key)
-                    elif await self._on_remote(e):
-                        pass  # an immutable object the remote store has already
-                    else:
-                        # (read and put in one worker thread where the store can)
-                        etag = await put_computed(
-                            self.remote, functools.partial(_keyed_payload, e.key, e.path)
-                        )
-                        assert etag is not None  # (the computation always returns one)
-                        self._etags[e.key] = (f"staged-{e.seq}", etag)
-                        sent = e.size
+                    sent = await self._send(e)
                     break
                 except StoreError as exc:
                     self._failed(exc, delay)
@@ -750,19 +774,49 @@ class StagingStore:
             self.pending_bytes -= e.size
             if self._entries.get(e.key) is e:
                 del self._entries[e.key]
-            if not await self._adopted(e):
-                await trio.to_thread.run_sync(lambda: e.path.unlink(missing_ok=True))
         finally:
             in_flight.discard(e.seq)
             self._sending -= 0 if e.delete else e.size
             limit.release()
             self._changed.set()
 
-    async def _adopted(self, e: _Entry) -> bool:
-        """Whether ``on_uploaded`` took the file of an uploaded immutable object."""
-        if self._on_uploaded is None or e.delete or self._is_barrier(e.key):
-            return False
-        return await self._on_uploaded(e.key, e.path, data_offset(e.key), e.size)
+    async def _send(self, e: _Entry) -> int:
+        """One attempt at putting ``e`` on the remote store (StoreError if it
+        fails); the bytes sent. Its staged file is gone (deleted, or renamed into the
+        cache) before ``e`` leaves the queue: a file left behind would be uploaded
+        again after a crash, over a newer version of a metadata object uploaded
+        meanwhile. For a chunk on a local store the read, the put and the rename are
+        one thread hop (measured: 2,000 small chunks uploaded in 2.2 s with a hop
+        for the rename, 1.7-2.0 s without)."""
+        if e.delete:
+            await self.remote.delete(e.key)
+            await trio.to_thread.run_sync(_remove, e.path)
+            return 0
+        claim = None
+        if self._adopter is not None and not self._is_barrier(e.key):
+            claim = self._adopter.claim(e.key, data_offset(e.key), e.size)
+        moved = False
+
+        def finish() -> None:  # in a worker thread, once the store has the object
+            nonlocal moved
+            moved = claim is not None and claim.move(e.path)
+            if not moved:
+                _remove(e.path)
+
+        try:
+            if await self._on_remote(e):
+                await trio.to_thread.run_sync(finish)
+                return 0  # an immutable object the remote store has already
+            # (read and put in one worker thread where the store can)
+            etag = await put_computed(
+                self.remote, functools.partial(_keyed_payload, e.key, e.path), finish
+            )
+            assert etag is not None  # (the computation always returns one)
+            self._etags[e.key] = (f"staged-{e.seq}", etag)
+            return e.size
+        finally:
+            if claim is not None:
+                claim.done(moved)
 
     def _failed(self, exc: StoreError, delay: float) -> None:
         """Note a failed upload: one warning when uploads start failing, the retries

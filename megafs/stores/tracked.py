@@ -71,7 +71,9 @@ class TrackedStore:
         return await self._call(f"put {key} ({len(data)} bytes)", op)
 
     async def put_computed(
-        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+        self,
+        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        after: Callable[[], None] | None = None,
     ) -> str | None:
         put: list[tuple[str, int]] = []
 
@@ -84,7 +86,7 @@ class TrackedStore:
         def what() -> str:
             return f"put {put[0][0]} ({put[0][1]} bytes)" if put else "put (nothing computed)"
 
-        return await self._call(what, put_computed(self.inner, noted))
+        return await self._call(what, put_computed(self.inner, noted, after))
 
     async def delete(self, key: str) -> None:
         await self._call(f"delete {key}", self.inner.delete(key))

@@ -52,10 +52,12 @@ class SlowStore:
         return await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
 
     async def put_computed(
-        self, compute: Callable[[], tuple[str, bytes | bytearray] | None]
+        self,
+        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        after: Callable[[], None] | None = None,
     ) -> str | None:
-        # The inner store's put comes first here (it is in the inner store's worker
-        # thread), its delay after: the caller hears of it as late as of a put.
+        # The inner store's put (and ``after``) come first here (in the inner store's
+        # worker thread), the delay after: the caller hears of it as late as of a put.
         sizes: list[int] = []
 
         def noted() -> tuple[str, bytes | bytearray] | None:
@@ -64,7 +66,7 @@ class SlowStore:
                 sizes.append(len(result[1]))
             return result
 
-        etag = await put_computed(self.inner, noted)
+        etag = await put_computed(self.inner, noted, after)
         if etag is not None:
             await self._transfer(sizes[0])
         return etag

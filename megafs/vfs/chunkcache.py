@@ -15,7 +15,7 @@ fetched are holes. So:
   cache's disk works), not 64 small files;
 - a chunk written here costs no second copy: once uploaded, its staged file (see
   :mod:`megafs.stores.staging`: a header, the sealed object, a checksum) is renamed
-  into the cache as it is (:meth:`ChunkCache.adopt`), a whole chunk whose data
+  into the cache as it is (:meth:`ChunkCache.claim`), a whole chunk whose data
   starts after the staging header instead of :data:`HEADER`.
 
 File names are a keyed hash of the chunk id. The cap (``max_bytes``) holds on every
@@ -36,8 +36,9 @@ file evicted while another write to it is in flight leaves an index entry for a
 file that is gone, which the next read finds missing and forgets (a miss). A staged
 file is adopted only when no write to that chunk's file is in flight (``_writing``,
 counted on the event loop's thread): such a write would land at the sparse layout's
-offsets inside the adopted file. While its rename runs in a worker thread, no write
-starts on it (``_adopting``) and the index holds nothing for it.
+offsets inside the adopted file. From the claim until the uploader reports the
+rename (done in the upload's worker thread), no write starts on it (``_adopting``)
+and the index holds nothing for it.
 """
 
 from __future__ import annotations
@@ -118,6 +119,43 @@ def _runs(blocks: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((j, j + 1))
     return out
+
+
+@final
+class Adoption:
+    """A staged chunk file the cache takes once it is uploaded (:meth:`ChunkCache.claim`)."""
+
+    def __init__(
+        self,
+        cache: ChunkCache,
+        name: str,
+        target: Path,
+        offset: int,
+        blocks: int,
+        old: int | None,
+        old_offset: int | None,
+    ) -> None:
+        self._cache = cache
+        self.name = name
+        self._target = target
+        self.offset = offset
+        self.blocks = blocks
+        self.old = old  # the presence mask and offset of the file it replaces, if any
+        self.old_offset = old_offset
+
+    def move(self, path: Path) -> bool:
+        """Rename the staged file ``path`` into the cache (the staging area is on
+        the same filesystem). Any thread: touches no shared state."""
+        try:
+            _in_subdir(os.replace, path, self._target)
+        except OSError:
+            return False
+        return True
+
+    def done(self, moved: bool) -> None:
+        """Record the outcome of :meth:`move` (False: not called, or it failed), on
+        the event loop's thread; exactly once."""
+        self._cache._adopted(self, moved)
 
 
 class _Unreadable(Exception):
@@ -370,39 +408,38 @@ class ChunkCache:
             self._written(name, first, sealed, error, cuts)
         return blocks
 
-    async def adopt(self, key: str, path: Path, offset: int, size: int) -> bool:
-        """Take the staged file of chunk object ``key`` just uploaded (its sealed
-        bytes are ``size`` bytes at ``offset``): renamed into the cache, no copy.
-        False (the caller deletes the file) if it is not a chunk, does not fit the
-        cap, or cannot be moved."""
+    def claim(self, key: str, offset: int, size: int) -> Adoption | None:
+        """Reserve the staged file of chunk object ``key`` (its sealed bytes are
+        ``size`` bytes at ``offset``), about to be uploaded, for renaming into the
+        cache (no copy): the uploader calls :meth:`Adoption.move` in its worker
+        thread once the store has the object, then :meth:`Adoption.done`. None (the
+        caller deletes the file) if it is not a chunk, does not fit the cap, or a
+        write to its cache file is in flight (it would land in the adopted file's
+        layout)."""
         cid = fchunks.chunk_id_of(key)
         n = -(-size // SBS)
         if cid is None or self.directory is None or n > HEADER or SBS * n > self.max_bytes:
-            return False
+            return None
         name = self._name(cid)
         if name in self._writing or name in self._adopting:
-            return False  # a write in flight would land in the adopted file's layout
-        # Until the rename (in a worker thread) is done, the name holds nothing (a
-        # read misses) and no fill may start on it (_wants).
+            return None
+        # Until done(), the name holds nothing (a read misses) and no fill may start
+        # on it (_wants).
         old = self._index.pop(name, None)
         if old is not None:
             self.bytes -= _size(old)
-        old_offset = self._offset.pop(name, None)
         self._adopting.add(name)
-        try:
-            # (the staging area is on the same filesystem)
-            await trio.to_thread.run_sync(_in_subdir, os.replace, path, self._path(name))
-        except OSError:
-            if old is not None:  # the file it was to replace is still there
-                self._present(name, old)
-                if old_offset is not None:
-                    self._offset[name] = old_offset
-            return False
-        finally:
-            self._adopting.discard(name)
-        self._offset[name] = offset
-        self._present(name, _bits(0, n))
-        return True
+        return Adoption(self, name, self._path(name), offset, n, old, self._offset.pop(name, None))
+
+    def _adopted(self, claim: Adoption, moved: bool) -> None:
+        self._adopting.discard(claim.name)
+        if moved:
+            self._offset[claim.name] = claim.offset
+            self._present(claim.name, _bits(0, claim.blocks))
+        elif claim.old is not None:  # the file it was to replace is still there
+            self._present(claim.name, claim.old)
+            if claim.old_offset is not None:
+                self._offset[claim.name] = claim.old_offset
 
     def _wants(self, ref: ChunkRef, first: int, sealed: bytes) -> str:
         """The file name to write blocks ``first...`` of ``ref`` to, or "" if they

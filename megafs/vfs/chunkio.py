@@ -75,7 +75,7 @@ class ChunkIO:
 
     async def write_chunk(self, plaintext: ChunkContent) -> ChunkRef:
         # Not cached here: until it is uploaded, reads find it in the staging area,
-        # which then hands its file to the cache (ChunkCache.adopt).
+        # which then hands its file to the cache (ChunkCache.claim).
         return await self.drive.write_chunk(plaintext)
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
