@@ -39,9 +39,9 @@ RM_BENIGN = (
 
 
 def valid_contents() -> list[bytes]:
-    """Every content a worker ever writes (sizes around the 4 KiB inline limit and
-    across a 4 MiB chunk boundary)."""
-    sizes = [1, 100, 4095, 4096, 4097, 70_000, 4 * 1024 * 1024 + 10]
+    """Every content a worker ever writes (sizes around the 4 and 16 KiB inline
+    limits and across a 4 MiB chunk boundary)."""
+    sizes = [1, 100, 4095, 4096, 4097, 16383, 16384, 16385, 70_000, 4 * 1024 * 1024 + 10]
     return [
         (f"<content {k} of size {n}>".encode() * (n // 20 + 1))[:n] for k, n in enumerate(sizes)
     ]

@@ -367,6 +367,7 @@ class Vfs:
                     n.start_soon(fetch, i)
         # Synchronous from here: the directory appears whole.
         node.entries = {}
+        node.inline_bytes = _inline_bytes(entries)
         for name, rec in entries.items():
             child = self.nodes.get(rec.ino)
             if child is None:
@@ -457,6 +458,7 @@ class Vfs:
                     n.start_soon(fetch, i)
         # Synchronous from here: the directory changes whole.
         assert node.entries is not None
+        node.inline_bytes = _inline_bytes(entries)  # (read-only mounts: not used)
         out: list[tuple[int, bytes | None]] = []
         old = dict(node.entries)
         for name, ino in old.items():
@@ -617,7 +619,8 @@ class Vfs:
                 raise FsError(errno.EINVAL)
             async with node.content_lock:
                 await content.truncate(self.io, node, size)
-                await content.flush(self.io, node)
+                await content.flush(self.io, node, self._inline_max(node))
+                self._inlined(node)
             self._dirty_content.discard(ino)
             self._account(node)
             r.mtime_ns = _now()
@@ -938,7 +941,8 @@ class Vfs:
             # An unlinked file that is still open keeps its content too (its
             # buffers are its only copy); it is dropped with the node.
             if node.dirty or node.saved is not None:
-                await content.flush(self.io, node)
+                await content.flush(self.io, node, self._inline_max(node))
+                self._inlined(node)
                 self._dirty_record(node)
             self._dirty_content.discard(node.ino)
             self._account(node)
@@ -950,6 +954,28 @@ class Vfs:
         (:attr:`flush_on_close`)."""
         self._handle(fh)
         await self._limit_dirty()
+
+    def _inline_max(self, node: Node) -> int:
+        """The largest content of ``node`` to store inline in its record: up to
+        INLINE_DIR_MAX while its directory's inline bytes stay within
+        DIR_INLINE_BUDGET (a hard-linked file's record is its own object), else
+        INLINE_MAX. The count is read before a flush and raised after it
+        (:meth:`_inlined`), with awaits between: files flushed side by side may
+        pass the budget by one INLINE_DIR_MAX each (it bounds, it is not exact)."""
+        if node.parent is None:
+            return content.INLINE_DIR_MAX
+        d = self.nodes.get(node.parent)
+        if d is None or d.inline_bytes + node.record.size > content.DIR_INLINE_BUDGET:
+            return content.INLINE_MAX
+        return content.INLINE_DIR_MAX
+
+    def _inlined(self, node: Node) -> None:
+        """Count ``node``'s content, just flushed, if inline, in its directory's
+        ``inline_bytes`` (made exact again when the directory is next sealed)."""
+        inline = node.record.inline
+        d = self.nodes.get(node.parent) if inline and node.parent is not None else None
+        if d is not None and inline:
+            d.inline_bytes += len(inline)
 
     def _account(self, node: Node) -> None:
         """Update the running total of unstaged buffer bytes for ``node``."""
@@ -1095,6 +1121,7 @@ class Vfs:
             if node is None or node.entries is None or (ino != ROOT_INO and node.record.nlink == 0):
                 continue
             entries = {name: self._stored_record(self.nodes[i]) for name, i in node.entries.items()}
+            node.inline_bytes = _inline_bytes(entries)
             self_rec = node.record if ino == ROOT_INO else None
             obj = self.volume.seal_dir(ino, self_rec, entries)
             (later if node.stored else first).append((obj, node))
@@ -1144,3 +1171,8 @@ class Vfs:
         async with trio.open_nursery() as n:
             for obj, node in batch:
                 n.start_soon(put, obj, node)
+
+
+def _inline_bytes(entries: dict[bytes, Record]) -> int:
+    """The inline content bytes of a directory's entries."""
+    return sum(len(r.inline) for r in entries.values() if r.inline)

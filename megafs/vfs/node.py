@@ -172,6 +172,9 @@ class Node:
     _cookie_order: list[tuple[int, bytes]] = field(default_factory=list, repr=False)
     _cookie_order_key: tuple[int, int] = (0, 0)
     stored: bool = True  # directory/inode object exists on the store
+    # Directories: at least the inline bytes of their entries' records (exact when
+    # loaded or sealed, plus what files inlined since; see Vfs._inline_max).
+    inline_bytes: int = 0
     loading: trio.Event | None = None
     # Files: chunk index -> full current plaintext of that chunk (dirty, not stored).
     dirty: dict[int, bytearray | Pieces] = field(default_factory=dict)
