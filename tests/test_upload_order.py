@@ -205,7 +205,7 @@ def test_put_computed_through_the_store_wrappers(
         stores: list[tuple[ObjectStore, ObjectStore, bool]] = [
             (local, local, True),
             (TrackedStore(local), local, True),
-            (SlowStore(local, latency=0.01, bandwidth=1e6), local, True),
+            (SlowStore(local, latency=0.01, bandwidth=1e6), local, False),  # (like a remote)
             (TrackedStore(SlowStore(memory, latency=0.01)), memory, False),
         ]
         for n, (store, inner, one_thread) in enumerate(stores):

@@ -56,8 +56,10 @@ class SlowStore:
         compute: Callable[[], tuple[str, bytes | bytearray] | None],
         after: Callable[[], None] | None = None,
     ) -> str | None:
-        # The inner store's put (and ``after``) come first here (in the inner store's
-        # worker thread), the delay after: the caller hears of it as late as of a put.
+        # The inner store's put comes first here (in the inner store's worker
+        # thread), the delay after: the caller hears of it as late as of a put. Then
+        # ``after``, in a thread of its own, as for a remote store (whose put is a
+        # request, not a thread): the staged file stays until the store "answered".
         sizes: list[int] = []
 
         def noted() -> tuple[str, bytes | bytearray] | None:
@@ -66,9 +68,11 @@ class SlowStore:
                 sizes.append(len(result[1]))
             return result
 
-        etag = await put_computed(self.inner, noted, after)
+        etag = await put_computed(self.inner, noted)
         if etag is not None:
             await self._transfer(sizes[0])
+            if after is not None:
+                await trio.to_thread.run_sync(after)
         return etag
 
     async def delete(self, key: str) -> None:
