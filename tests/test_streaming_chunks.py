@@ -106,6 +106,37 @@ def test_a_streaming_chunk_changed_before_it_is_stored(tmp_path: Path, change: s
     run_on(tmp_path, check)  # a new opening: from the store
 
 
+def test_a_writer_out_of_step_with_the_chunk_size_is_not_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1 MiB writes that end each chunk with a piece under PIECE_MIN (the kernel's
+    write-back splits a request and shifts the rest) keep the pieces: no chunk is
+    turned into a buffer (a 4 MiB copy each), and the bytes are right."""
+    shift = 61_440  # what a chunk's last write holds: less than PIECE_MIN
+    data = rand(MiB - shift, 30) + rand(3 * CHUNK_SIZE, 31)
+    copies: list[int] = []
+    materialize = Pieces.materialize
+
+    def counted(self: Pieces) -> bytearray:
+        copies.append(len(self))
+        return materialize(self)
+
+    monkeypatch.setattr(Pieces, "materialize", counted)
+
+    async def write(d: megafs.sdk.Drive) -> None:
+        async with await d.open("f", "wb") as f:
+            await f.write(data[: MiB - shift])
+            for i in range(MiB - shift, len(data), MiB):
+                await f.write(data[i : i + MiB])
+
+    async def check(d: megafs.sdk.Drive) -> None:
+        assert await d.read_bytes("f") == data
+
+    run_on(tmp_path, write)
+    assert copies == []
+    run_on(tmp_path, check)
+
+
 def test_streamed_zeros_are_stored_as_a_hole(tmp_path: Path) -> None:
     data = bytes(CHUNK_SIZE) + rand(MiB, 20)
 

@@ -474,10 +474,11 @@ class StagingStore:
     ) -> str | None:
         """Run ``compute`` in a worker thread and stage the unconditional put it
         returns, ``(key, data)``, in that same thread, then ``after``; None (nothing
-        staged) if it returns None. For the volume's chunks: hashing and sealing a chunk and then
-        staging it took two thread hops, and each waits for the event loop's thread,
-        which a streaming write keeps busy answering the kernel (measured: a 4 MiB
-        chunk's hop back took 3 ms on top of the 7 ms of sealing it)."""
+        staged) if it returns None. For the volume's chunks: hashing and sealing a
+        chunk and then staging it took two thread hops, and each waits for the event
+        loop's thread, which a streaming write keeps busy answering the kernel
+        (measured: a 4 MiB chunk's hop back took 3 ms on top of the 7 ms of sealing
+        it)."""
         await self._wait_room()
         seq = self._take_seq()
 
