@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 from conftest import PASSPHRASE, TEST_KDF
 
 from megafs.stores import MemoryStore
+from megafs.vfs import content
 from megafs.vfs.content import DIR_INLINE_BUDGET, INLINE_DIR_MAX, INLINE_MAX
 from megafs.vfs.fs import Ctx, Vfs
 from megafs.volume.drive import ROOT_INO, Volume
@@ -97,5 +99,37 @@ def test_files_up_to_16_kib_go_inline_within_the_directory_budget() -> None:
         await _write(vfs2, d2, b"again", INLINE_DIR_MAX)
         assert b"again" in await _inline(vol2, d2)
         await vfs2.close()
+
+    trio.run(main)
+
+
+def test_the_16_kib_tier_stops_when_the_mount_holds_its_inline_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inline bytes stay in memory with their directories: once the loaded
+    directories hold MOUNT_INLINE_BUDGET, files over 4 KiB become chunks, in any
+    directory; removing a directory gives its share back."""
+    monkeypatch.setattr(content, "MOUNT_INLINE_BUDGET", 4 * INLINE_DIR_MAX)
+
+    async def main() -> None:
+        store = MemoryStore()
+        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+        vol = await Volume.open(store, PASSPHRASE.encode())
+        vfs = Vfs(vol)
+        await vfs.start()
+        a, b, c = [(await vfs.mkdir(ROOT_INO, n, 0o755, CTX)).ino for n in (b"a", b"b", b"c")]
+        for d in (a, b):
+            for name in (b"x", b"y"):
+                await _write(vfs, d, name, INLINE_DIR_MAX)
+        await _write(vfs, c, b"late", INLINE_DIR_MAX)
+        await _write(vfs, c, b"small", INLINE_MAX)
+        assert await _inline(vol, c) == {b"small": INLINE_MAX}  # "late" is a chunk
+        for name in (b"x", b"y"):  # rm -rf a, all before the next commit
+            await vfs.unlink(a, name)
+        await vfs.rmdir(ROOT_INO, b"a")
+        await _write(vfs, c, b"again", INLINE_DIR_MAX)
+        assert b"again" in await _inline(vol, c)
+        assert await _read(vfs, c, b"late") == _content(b"late", INLINE_DIR_MAX)
+        await vfs.close()
 
     trio.run(main)

@@ -41,6 +41,10 @@ INLINE_MAX: Final = 4096
 #: extracted stdlib trees, 20,000 files: peak RSS 167 -> 240 MiB).
 INLINE_DIR_MAX: Final = 16 * 1024
 DIR_INLINE_BUDGET: Final = 1 << 20
+#: ... and while the loaded directories hold less than this in inline bytes, which
+#: stay in memory with them: a mount that writes a million small files makes chunk
+#: objects once this is reached, rather than growing by 16 KiB per file.
+MOUNT_INLINE_BUDGET: Final = 64 << 20
 MAX_FLUSHING: Final = 2
 #: A write this large at a chunk's start begins a streaming chunk (node.Pieces): it
 #: and the writes that continue it at its end (each at least PIECE_MIN, or ending the

@@ -176,6 +176,7 @@ class Vfs:
         self._dirty_content: set[int] = set()
         self._deletions: list[str] = []
         self._dirty_total = 0  # bytes in unstaged buffers (see _account)
+        self._inline_total = 0  # sum of the loaded directories' inline_bytes
         self._commit_lock = trio.Lock()
         self.errors = 0
         # Read-only mounts: how often loaded directories are checked for changes made
@@ -367,7 +368,7 @@ class Vfs:
                     n.start_soon(fetch, i)
         # Synchronous from here: the directory appears whole.
         node.entries = {}
-        node.inline_bytes = _inline_bytes(entries)
+        self._set_inline_bytes(node, _inline_bytes(entries))
         for name, rec in entries.items():
             child = self.nodes.get(rec.ino)
             if child is None:
@@ -458,7 +459,7 @@ class Vfs:
                     n.start_soon(fetch, i)
         # Synchronous from here: the directory changes whole.
         assert node.entries is not None
-        node.inline_bytes = _inline_bytes(entries)  # (read-only mounts: not used)
+        self._set_inline_bytes(node, _inline_bytes(entries))  # (read-only: not used)
         out: list[tuple[int, bytes | None]] = []
         old = dict(node.entries)
         for name, ino in old.items():
@@ -545,6 +546,7 @@ class Vfs:
         node.record.ctime_ns = t
         if node.is_dir:
             node.record.nlink = 0
+            self._set_inline_bytes(node, 0)  # (removed, so empty)
             d.record.nlink -= 1
             self._dirty_record(d)
             self._dirty_dirs.discard(node.ino)
@@ -958,14 +960,18 @@ class Vfs:
     def _inline_max(self, node: Node) -> int:
         """The largest content of ``node`` to store inline in its record: up to
         INLINE_DIR_MAX while its directory's inline bytes stay within
-        DIR_INLINE_BUDGET (a hard-linked file's record is its own object), else
-        INLINE_MAX. The count is read before a flush and raised after it
-        (:meth:`_inlined`), with awaits between: files flushed side by side may
-        pass the budget by one INLINE_DIR_MAX each (it bounds, it is not exact)."""
+        DIR_INLINE_BUDGET (a hard-linked file's record is its own object) and the
+        loaded directories' within MOUNT_INLINE_BUDGET (inline bytes stay in
+        memory), else INLINE_MAX. The counts are read before a flush and raised
+        after it (:meth:`_inlined`), with awaits between: files flushed side by side
+        may pass a budget by one INLINE_DIR_MAX each (they bound, not exactly)."""
+        size = node.record.size
+        if self._inline_total + size > content.MOUNT_INLINE_BUDGET:
+            return content.INLINE_MAX
         if node.parent is None:
             return content.INLINE_DIR_MAX
         d = self.nodes.get(node.parent)
-        if d is None or d.inline_bytes + node.record.size > content.DIR_INLINE_BUDGET:
+        if d is None or d.inline_bytes + size > content.DIR_INLINE_BUDGET:
             return content.INLINE_MAX
         return content.INLINE_DIR_MAX
 
@@ -975,7 +981,11 @@ class Vfs:
         inline = node.record.inline
         d = self.nodes.get(node.parent) if inline and node.parent is not None else None
         if d is not None and inline:
-            d.inline_bytes += len(inline)
+            self._set_inline_bytes(d, d.inline_bytes + len(inline))
+
+    def _set_inline_bytes(self, d: Node, n: int) -> None:
+        self._inline_total += n - d.inline_bytes
+        d.inline_bytes = n
 
     def _account(self, node: Node) -> None:
         """Update the running total of unstaged buffer bytes for ``node``."""
@@ -1121,7 +1131,7 @@ class Vfs:
             if node is None or node.entries is None or (ino != ROOT_INO and node.record.nlink == 0):
                 continue
             entries = {name: self._stored_record(self.nodes[i]) for name, i in node.entries.items()}
-            node.inline_bytes = _inline_bytes(entries)
+            self._set_inline_bytes(node, _inline_bytes(entries))
             self_rec = node.record if ino == ROOT_INO else None
             obj = self.volume.seal_dir(ino, self_rec, entries)
             (later if node.stored else first).append((obj, node))
