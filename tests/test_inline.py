@@ -38,6 +38,15 @@ async def _read(vfs: Vfs, parent: int, name: bytes) -> bytes:
         await vfs.release(fh)
 
 
+async def _new_volume() -> tuple[MemoryStore, Volume, Vfs]:
+    store = MemoryStore()
+    await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
+    vol = await Volume.open(store, PASSPHRASE.encode())
+    vfs = Vfs(vol)
+    await vfs.start()
+    return store, vol, vfs
+
+
 async def _inline(vol: Volume, ino: int) -> dict[bytes, int]:
     """name -> inline bytes of the entries of directory ``ino`` as stored."""
     entries = (await vol.load_dir(ino)).entries
@@ -48,11 +57,7 @@ def test_files_up_to_16_kib_go_inline_within_the_directory_budget() -> None:
     fill = DIR_INLINE_BUDGET // INLINE_DIR_MAX + 4  # the budget and a few more
 
     async def main() -> None:
-        store = MemoryStore()
-        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
-        vol = await Volume.open(store, PASSPHRASE.encode())
-        vfs = Vfs(vol)
-        await vfs.start()
+        store, vol, vfs = await _new_volume()
         d = (await vfs.mkdir(ROOT_INO, b"d", 0o755, CTX)).ino
         await _write(vfs, d, b"edge", INLINE_DIR_MAX)
         await _write(vfs, d, b"over", INLINE_DIR_MAX + 1)
@@ -112,11 +117,7 @@ def test_the_16_kib_tier_stops_when_the_mount_holds_its_inline_budget(
     monkeypatch.setattr(content, "MOUNT_INLINE_BUDGET", 4 * INLINE_DIR_MAX)
 
     async def main() -> None:
-        store = MemoryStore()
-        await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
-        vol = await Volume.open(store, PASSPHRASE.encode())
-        vfs = Vfs(vol)
-        await vfs.start()
+        _, vol, vfs = await _new_volume()
         a, b, c = [(await vfs.mkdir(ROOT_INO, n, 0o755, CTX)).ino for n in (b"a", b"b", b"c")]
         for d in (a, b):
             for name in (b"x", b"y"):
