@@ -979,8 +979,7 @@ class Vfs:
         """Count ``node``'s content, just flushed, if inline, in its directory's
         ``inline_bytes`` (made exact again when the directory is next sealed)."""
         inline = node.record.inline
-        d = self.nodes.get(node.parent) if inline and node.parent is not None else None
-        if d is not None and inline:
+        if inline and node.parent is not None and (d := self.nodes.get(node.parent)) is not None:
             self._set_inline_bytes(d, d.inline_bytes + len(inline))
 
     def _set_inline_bytes(self, d: Node, n: int) -> None:
