@@ -42,7 +42,10 @@ started, runs until the queue is empty. Staged operations are durable locally ei
 way: the delay only decides when the store gets them.
 
 Durability. Staged files are written to a temporary name and renamed, so a killed
-process leaves whole files or none. :meth:`sync` fsyncs everything staged so far
+process leaves whole files or none. Files of 1 MiB and more (a streaming write's
+chunks) are written around the page cache (:mod:`megafs.stores.direct_io`): read back
+once, at upload, they have no use for it, and copying them there was the daemon's
+largest CPU cost when writing new data. :meth:`sync` fsyncs everything staged so far
 (the caller's fsync/commit point). After a power loss, files staged after the last
 ``sync`` may be damaged: each file carries a checksum, and recovery keeps the
 longest undamaged prefix of the sequence. What was synced is always in it: a sync
@@ -89,6 +92,7 @@ import trio
 
 from megafs.errors import NoSpace, ObjectNotFound, StoreError
 from megafs.stats import RateMeter
+from megafs.stores import direct_io
 from megafs.stores.base import ObjectInfo, ObjectStore, put_computed
 from megafs.stores.retry import retry_observer
 
@@ -325,6 +329,9 @@ class StagingStore:
         self.uploaded_bytes = 0
         self.upload_rate = RateMeter()
         self._failing_since: float | None = None  # uploads failing since (monotonic)
+        # Large staged files are written around the page cache (direct_io), until the
+        # staging directory's filesystem refuses it.
+        self._direct = direct_io.available()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._recover()
 
@@ -425,6 +432,12 @@ class StagingStore:
         pieces = _encode(op, key, data)
         tmp = self.directory / f".tmp-{seq:016x}"
         try:
+            if self._direct and len(data) >= direct_io.DIRECT_MIN:
+                if direct_io.write_new_file(tmp, pieces):
+                    os.replace(tmp, self._path_of(seq))
+                    return
+                self._direct = False  # (a benign race: another thread may try once more)
+                log.info("staging: %s does not take O_DIRECT writes", self.directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 todo = sum(len(p) for p in pieces)
