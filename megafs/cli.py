@@ -75,6 +75,9 @@ fields of --json (bytes, seconds, Unix times):
   dir_objects_cached    directory objects in memory (MEGA: every folder)
   fuse_requests         kernel requests read since the mount (null: not counted,
                         pyfuse3's own request loop in use)
+  rss_bytes, peak_rss_bytes
+                        the daemon's resident memory now and its peak since it
+                        started (null: not known on this system)
   last_error            the store's last error (null: none this mount); kept until
                         a newer one replaces it, never cleared
   last_error_time       when it happened
@@ -433,6 +436,10 @@ def format_status(st: dict[str, Any]) -> list[str]:
     if "dir_objects_cached" in st:
         label = "folders in memory" if mega else "directories cached"
         rows.append((label, str(st["dir_objects_cached"])))
+    if st.get("rss_bytes") is not None:
+        peak = st.get("peak_rss_bytes")
+        peak_text = "" if peak is None else f" (peak {human_bytes(peak)})"
+        rows.append(("memory", f"{human_bytes(st['rss_bytes'])} resident{peak_text}"))
     error = st.get("last_error")
     if not error:
         rows.append(("last store error", "none"))

@@ -339,6 +339,7 @@ class _StatusView:
             "cache_hit_rate": hit_rate(self.cache.hits, self.cache.misses),
             "dir_objects_cached": self.vfs.dir_objects_cached(),
             "fuse_requests": fuse_loop.requests_taken(),
+            **memory.status_fields(),
             "last_error": last_error,
             "last_error_time": last_time,
             "last_error_recovered": last_time is not None

@@ -201,6 +201,8 @@ def test_status_during_a_large_upload(tmp_path: Path) -> None:
         assert st["cache_hit_rate"] == round(st["cache_hits"] / lookups, 4)
         assert 0 < st["cache_bytes"] <= st["cache_max_bytes"]
         assert st["dir_objects_cached"] >= 2  # the root and big/
+        # The daemon's memory: it streams, so the 30 MiB written need not all be held.
+        assert 20 * MiB < st["rss_bytes"] <= st["peak_rss_bytes"] < 300 * MiB, st
         assert st["last_error"] is None and st["last_error_time"] is None
         assert st["store_errors"] == 0
         assert st["lease_state"] == "held"
@@ -221,6 +223,7 @@ def test_status_during_a_large_upload(tmp_path: Path) -> None:
             "upload rate",
             "cache",
             "directories cached",
+            "memory",
             "last store error",
             "lease",
         ):
@@ -231,6 +234,7 @@ def test_status_during_a_large_upload(tmp_path: Path) -> None:
         assert re.search(r"cache: +[\d.]+ [KM]iB of [\d.]+ [MG]iB; " + re.escape(rate), text)
         assert f"held by {socket.gethostname()} (megafs pid {m.proc.pid}" in text
         assert "last store error:   none" in text
+        assert re.search(r"\nmemory: +[\d.]+ MiB resident \(peak [\d.]+ MiB\)\n", text), text
         columns = {re.match(r"[^:]+:\s+", ln).end() for ln in lines}  # type: ignore[union-attr]
         assert len(columns) == 1, lines
 
@@ -313,6 +317,7 @@ def test_status_of_a_mega_mount(emulator: EmulatorProcess, tmp_path: Path) -> No
         assert st["uploaded_bytes"] >= 3 * MiB and st["upload_rate"] > 0
         assert st["pending_bytes"] == st["pending_objects"] == 0
         assert st["dir_objects_cached"] >= 3  # the drive's root, folder, folder/sub
+        assert 0 < st["rss_bytes"] <= st["peak_rss_bytes"], st
         assert st["lease"] is None and st["lease_state"] == "n/a"
         assert st["last_error"] is None and st["last_error_time"] is None
         human = cli_status(m)

@@ -21,7 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from megafs import fuse_loop, sdnotify
+from megafs import fuse_loop, memory, sdnotify
 from megafs.config import MountOptions
 from megafs.control import MountError, mounted_at
 from megafs.errors import MegafsError
@@ -141,6 +141,7 @@ async def serve_mega(
                 "cache_hit_rate": hit_rate(cache.hits, cache.misses),
                 "dir_objects_cached": vfs.folder_count(),
                 "fuse_requests": fuse_loop.requests_taken(),
+                **memory.status_fields(),
                 "last_error": errors.last,
                 "last_error_time": errors.time,
                 "last_error_recovered": errors.recovered,

@@ -112,13 +112,20 @@ t_mount() {
   fi
 }
 
+# The daemon's peak resident size so far in KiB (VmHWM; empty once it has exited).
+mf_peak_kib() { [ -n "$1" ] && awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null || true; }
+
 t_umount() {
-  local mnt=$1 pid="" rc
+  local mnt=$1 pid="" rc before after
   [ -f "$MF_PID" ] && pid=$(cat "$MF_PID")
   if mountpoint -q "$mnt"; then
+    before=$(mf_peak_kib "$pid")
     echo "--- $(date +%T) umount $mnt" >> "$MF_LOG"
     timeout -k 10 "$MF_TMO" "$MEGAFS_BIN" umount "$mnt" >> "$MF_LOG" 2>&1 < /dev/null
     rc=$?
+    after=$(mf_peak_kib "$pid")  # (the peak only grows: after the final drain if still there)
+    after=${after:-$before}
+    [ -z "$after" ] || _log "$MF_NAME: daemon peak RSS this mount $((after / 1024)) MiB"
     if [ "$rc" -ne 0 ] || mountpoint -q "$mnt"; then
       _log "megafs umount $mnt failed (rc=$rc): falling back to fusermount3"
       mf_logtail
