@@ -47,7 +47,7 @@ _ATTRS = struct.Struct(">IIIIQQqqq")
 _CHUNK = struct.Struct(f">Q{CHUNK_ID_SIZE}sI")
 
 
-@dataclass
+@dataclass(slots=True)
 class ChunkRef:
     """One stored chunk of a file: its index, keyed-hash id and plaintext length."""
 
@@ -55,7 +55,7 @@ class ChunkRef:
     length: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """Everything stored about one inode (or, with ``ref``, only its number)."""
 

@@ -133,11 +133,11 @@ async def write(vol: ChunkIO, node: Node, off: int, data: bytes) -> None:
             await ev.wait()  # a chunk being stored is never changed under it
         buf = node.dirty.get(i)
         if buf is None:
-            node.reloaded.discard(i)  # (left by a buffer that truncate or a drop took)
+            node.unmark_reloaded(i)  # (left by a buffer that truncate or a drop took)
             ref = r.chunks.get(i)
             if ref is not None and not (lo == 0 and n >= ref.length):
                 buf = bytearray(await vol.read_chunk(ref, 0, ref.length))
-                node.reloaded.add(i)
+                node.mark_reloaded(i)
             elif lo == 0 and n >= PREALLOCATE_MIN and isinstance(data, bytes):
                 # A streaming writer (big pieces from the chunk's start): its
                 # pieces are kept, not copied (see Pieces).
@@ -241,14 +241,14 @@ async def flush_chunk(vol: ChunkIO, node: Node, i: int) -> None:
         ref = node.record.chunks[i] = await vol.write_chunk(
             buf.parts if isinstance(buf, Pieces) else buf
         )
-        if i in node.reloaded and not isinstance(buf, Pieces):
+        if node.was_reloaded(i) and not isinstance(buf, Pieces):
             # A chunk changed in place (read, changed, stored: a database's pages)
             # is likely to be changed again soon: its plaintext stays in the memory
             # cache, so the next change finds it there instead of reading the new
             # object back (a staged-file read, opening it, a cache-file write).
             # Streaming writes never come here.
             vol.cache.remember_plaintext(ref, buf)
-    node.reloaded.discard(i)
+    node.unmark_reloaded(i)
     node.dirty.pop(i, None)
 
 

@@ -153,7 +153,7 @@ class Saved:
     inline: bytes | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One inode in memory. See the module docstring for who owns what."""
 
@@ -162,14 +162,17 @@ class Node:
     # files whose record is an inode object, and for unlinked inodes).
     parent: int | None = None
     hardlinked: bool = False
+    # Containers only some nodes need are made on first use (None until then): a
+    # mount holds a node for every file it has seen (with slots on Node, Record and
+    # ChunkRef too, a file node went from 1,181 to 725 bytes).
     # Directories: name -> ino once loaded (None until then), plus readdir cookies
     # that stay valid while the directory changes.
     entries: dict[bytes, int] | None = None
-    cookies: dict[bytes, int] = field(default_factory=dict)
+    cookies: dict[bytes, int] | None = None
     next_cookie: int = 1
     # (cookie, name) of ``cookies`` in cookie order, and the (next_cookie, count) it
     # was built for: any add or remove changes that pair (see cookie_order).
-    _cookie_order: list[tuple[int, bytes]] = field(default_factory=list, repr=False)
+    _cookie_order: list[tuple[int, bytes]] | None = field(default=None, repr=False)
     _cookie_order_key: tuple[int, int] = (0, 0)
     stored: bool = True  # directory/inode object exists on the store
     # Directories: at least the inline bytes of their entries' records (exact when
@@ -180,7 +183,7 @@ class Node:
     dirty: dict[int, bytearray | Pieces] = field(default_factory=dict)
     # Chunk indexes whose dirty buffer was read from the stored chunk to change it
     # in place (see content.flush_chunk).
-    reloaded: set[int] = field(default_factory=set)
+    reloaded: set[int] | None = None
     # The content (size, chunks, inline bytes) as of the last complete flush: every
     # chunk it names is stored, so it is what a metadata commit writes. ``None``
     # means "same as the record" (nothing changed since).
@@ -248,6 +251,8 @@ class Node:
     def add_entry(self, name: bytes, ino: int) -> None:
         assert self.entries is not None
         self.entries[name] = ino
+        if self.cookies is None:
+            self.cookies = {}
         self.cookies[name] = self.next_cookie
         self.next_cookie += 1
 
@@ -255,13 +260,28 @@ class Node:
         """(cookie, name) of every entry, sorted by cookie: built once per change of
         the directory, so that paging through it (readdir) is not quadratic. Do not
         modify the list."""
-        key = (self.next_cookie, len(self.cookies))
-        if key != self._cookie_order_key:
-            self._cookie_order = sorted((c, n) for n, c in self.cookies.items())
+        cookies = self.cookies or {}
+        key = (self.next_cookie, len(cookies))
+        if self._cookie_order is None or key != self._cookie_order_key:
+            self._cookie_order = sorted((c, n) for n, c in cookies.items())
             self._cookie_order_key = key
         return self._cookie_order
 
     def remove_entry(self, name: bytes) -> int:
         assert self.entries is not None
-        self.cookies.pop(name, None)
+        if self.cookies is not None:
+            self.cookies.pop(name, None)
         return self.entries.pop(name)
+
+    def mark_reloaded(self, i: int) -> None:
+        """Note that chunk ``i``'s dirty buffer was read from the stored chunk."""
+        if self.reloaded is None:
+            self.reloaded = set()
+        self.reloaded.add(i)
+
+    def was_reloaded(self, i: int) -> bool:
+        return self.reloaded is not None and i in self.reloaded
+
+    def unmark_reloaded(self, i: int) -> None:
+        if self.reloaded is not None:
+            self.reloaded.discard(i)
