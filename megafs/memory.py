@@ -79,22 +79,16 @@ def keep_chunk_buffers(arenas: int = 2) -> bool:
     return all(results)
 
 
-def resident() -> tuple[int | None, int | None]:
-    """This process's resident size now and its peak (bytes; from /proc: VmRSS and
-    VmHWM), each None where the system does not tell (``megafs status``)."""
-    found: dict[str, int] = {}
+def status_fields() -> dict[str, int | None]:
+    """The status document's memory fields: this process's resident size now and its
+    peak (bytes; /proc's VmRSS and VmHWM), each None where the system does not tell."""
+    found: dict[bytes, int] = {}
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
                 name, _, value = line.partition(b":")
                 if name in (b"VmRSS", b"VmHWM"):
-                    found[name.decode()] = int(value.split()[0]) * 1024  # (kB)
+                    found[name] = int(value.split()[0]) * 1024  # (kB)
     except (OSError, ValueError, IndexError):
         pass
-    return found.get("VmRSS"), found.get("VmHWM")
-
-
-def status_fields() -> dict[str, int | None]:
-    """The status document's memory fields (see :func:`resident`)."""
-    rss, peak = resident()
-    return {"rss_bytes": rss, "peak_rss_bytes": peak}
+    return {"rss_bytes": found.get(b"VmRSS"), "peak_rss_bytes": found.get(b"VmHWM")}
