@@ -32,7 +32,7 @@ import trio
 from megafs.config import MountOptions
 from megafs.control import OpenError
 from megafs.stores import LocalStore, ObjectStore, open_store
-from megafs.stores.staging import StagingStore
+from megafs.stores.staging import StagingStore, upload_concurrency
 from megafs.testing.slow import SlowStore
 from megafs.vfs.chunkcache import ChunkCache
 from megafs.vfs.fs import Vfs
@@ -105,6 +105,7 @@ async def open_stack(store_url: str, secret: Secret, opts: MountOptions) -> Volu
     sizes, intervals). Raises :class:`~megafs.volume.lease.LeaseHeld` when another
     read-write user holds the volume. On failure, whatever was taken is given back."""
     store = open_store(store_url)
+    uploads = upload_concurrency(store)  # (asked before the store is wrapped)
     if isinstance(store, LocalStore) and not store.root.is_dir():
         raise OpenError(f"store {store_url} does not exist")
     if opts.store_latency or opts.store_bandwidth:
@@ -135,6 +136,7 @@ async def open_stack(store_url: str, secret: Secret, opts: MountOptions) -> Volu
                 local / "staging",
                 is_barrier=is_barrier,
                 max_pending_bytes=opts.staging_max_bytes(local),
+                concurrency=uploads,
                 on_full=cache.make_room,  # staged changes come before cached copies
                 adopter=cache,  # uploaded chunks stay cached: no copy made
                 upload_quiet=opts.upload_delay,

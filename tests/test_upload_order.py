@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import PASSPHRASE, TEST_KDF
+from conftest import PASSPHRASE, TEST_KDF, make_volume
 
+from megafs import stack
+from megafs.config import parse_options
 from megafs.mount import WAIT_ANSWER_MAX, _upload_now
-from megafs.stores import MemoryStore
+from megafs.stores import MemoryStore, webdav
 from megafs.stores.base import ObjectStore, put_computed
 from megafs.stores.local import LocalStore
-from megafs.stores.staging import StagingStore
+from megafs.stores.staging import UPLOAD_CONCURRENCY, StagingStore, upload_concurrency
 from megafs.stores.tracked import TrackedStore
+from megafs.stores.webdav import WebDavStore
 from megafs.testing import FaultyStore
 from megafs.testing.slow import SlowStore
 from megafs.vfs.fs import Ctx, Vfs
@@ -304,5 +307,53 @@ def test_a_waiting_status_request_has_the_committer_commit_at_once(tmp_path: Pat
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         await vfs.close()
+
+    trio.run(main)
+
+
+class _Narrow(LocalStore):
+    """A store that takes only a few uploads at once."""
+
+    max_uploads = 3
+
+
+def test_uploads_in_flight_follow_what_the_store_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert upload_concurrency(MemoryStore()) == UPLOAD_CONCURRENCY
+    assert upload_concurrency(_Narrow(tmp_path / "n")) == 3
+    # A WebDAV store keeps connections free for reads while a backlog uploads.
+    assert WebDavStore.max_uploads < webdav.CONNECTIONS
+
+    # The mount's stack asks the store it opens, not the wrappers around it.
+    store_dir = make_volume(tmp_path / "store")
+    monkeypatch.setattr(stack, "open_store", lambda url: _Narrow(store_dir))
+    opts = parse_options([f"cache_dir={tmp_path / 'cache'},store_latency=0.01"])
+
+    async def main() -> None:
+        opened = await stack.open_stack(str(store_dir), PASSPHRASE.encode(), opts)
+        try:
+            assert opened.staging is not None and opened.staging.concurrency == 3
+            # ... and the staging area holds to it.
+            remote = _Recording(delay=0.02)
+            most = 0
+
+            async def put(key: str, data: bytes | bytearray, **kw: object) -> str:
+                nonlocal most
+                most = max(most, len(remote.flying) + 1)
+                return await _Recording.put(remote, key, data)
+
+            remote.put = put  # type: ignore[method-assign]
+            s = StagingStore(remote, tmp_path / "staging", is_barrier=_barrier, concurrency=3)
+            for i in range(12):
+                await s.put(f"c/{i}", b"chunk")
+            await _upload_all(s)
+            assert most == 3 and len(remote.finished) == 12
+        finally:
+            if opened.lease is not None:
+                await opened.lease.release()
+            if opened.lock is not None:
+                os.close(opened.lock)
+            await opened.store.aclose()
 
     trio.run(main)

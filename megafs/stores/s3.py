@@ -68,8 +68,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_REGION: Final = "us-east-1"
-#: Uploads the staging area runs at once (StagingStore's default concurrency).
-UPLOAD_CONCURRENCY: Final = 32
 #: Requests in flight at once, per kind: writes (PUT, POST, DELETE) and reads (GET,
 #: HEAD, listings), so uploads never hold up reads. Each kind has its own connection
 #: pool of this size and further requests wait here, not in the pool: httpcore's pool

@@ -102,8 +102,18 @@ class _BasicOrDigest(httpx.Auth):
             yield retry
 
 
+#: Connections to the server. The staging area keeps at most MAX_UPLOADS uploads in
+#: flight here, so reads (a file opened while a backlog uploads) do not queue behind
+#: them for a connection.
+CONNECTIONS: Final = 40
+MAX_UPLOADS: Final = 32
+
+
 class WebDavStore:
     """An :class:`~megafs.stores.base.ObjectStore` on a WebDAV collection."""
+
+    #: Read by :func:`megafs.stores.staging.upload_concurrency`.
+    max_uploads: Final = MAX_UPLOADS
 
     def __init__(
         self,
@@ -124,7 +134,7 @@ class WebDavStore:
         self._base_path = path  # percent-encoded, ends with '/'
         self._url = f"webdav+{parts.scheme}://{parts.netloc}{path}"
         self._policy = policy
-        limits = httpx.Limits(max_connections=40, max_keepalive_connections=40)
+        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
         self._client = _http.AsyncClient(
             auth=auth,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
