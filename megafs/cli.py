@@ -250,7 +250,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         run_foreground(args.store, mountpoint, passphrase, opts, ready)
         return exitcodes.OK
     log_path = opts.cache_dir / "megafs.log"
-    return run_daemon(args.store, mountpoint, passphrase, opts, log_path)
+    store = mounthelper.absolute_store(args.store)
+    return run_daemon(store, mountpoint, passphrase, opts, log_path)
 
 
 def cmd_link(args: argparse.Namespace) -> int:

@@ -19,8 +19,10 @@ class UsageError(MegafsError):
 
 
 def xdg_dir(var: str, fallback: str) -> Path:
+    """``$VAR``, or ``~/FALLBACK`` when it is unset or relative (the XDG spec ignores
+    relative ones; the daemon works from /, where they would name something else)."""
     value = os.environ.get(var)
-    return Path(value) if value else Path.home() / fallback
+    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
 
 
 def default_cache_root() -> Path:
@@ -154,7 +156,8 @@ def parse_options(specs: list[str]) -> MountOptions:
             elif name == "allow_other":
                 opts.allow_other = True
             elif name == "cache_dir" and value:
-                opts.cache_dir = Path(value).expanduser()
+                # (absolute: the daemon works from /)
+                opts.cache_dir = Path(value).expanduser().absolute()
             elif name in _SECONDS and value:
                 setattr(opts, name, _seconds(name, value))
             elif name == "store_bandwidth" and value:

@@ -33,6 +33,12 @@ USAGE = "usage: mount.megafs STORE MOUNTPOINT [-sfnv] [-o OPTIONS]"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
+def absolute_store(store: str) -> str:
+    """``store`` with a local path made absolute (a URL is left as it is): the
+    daemon works from /, where a relative path names something else."""
+    return store if _URL.match(store) else os.path.abspath(store)
+
+
 def is_mount_fuse_call(argv: list[str]) -> bool:
     """Whether ``megafs ARGV`` is mount.fuse3's ``megafs STORE MOUNTPOINT -o OPTIONS``:
     a store path or URL (it has a ``/`` or ``:``, which no subcommand has) where a
@@ -84,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return exitcodes.USAGE
     store, mountpoint = positional
-    if not _URL.match(store):
-        # The daemon works from /, so a relative store path is made absolute here.
-        store = os.path.abspath(store)
+    store = absolute_store(store)
     if fake:
         return exitcodes.OK
     from megafs import cli  # here, not at the top: cli imports this module

@@ -217,3 +217,31 @@ def test_status_and_umount_start_without_the_mount_code() -> None:
 
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@needs_fuse
+def test_mount_with_relative_paths(tmp_path: Path) -> None:
+    # The daemon works from /: a relative store or cache_dir must still name what it
+    # names where the command was run.
+    make_volume(tmp_path / "store")
+    (tmp_path / "mnt").mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "MEGAFS_PASSPHRASE": PASSPHRASE}
+        cmd = [*MEGAFS, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    res = run("mount", "store", "mnt", "-o", "cache_dir=cache")
+    assert res.returncode == 0, res.stderr
+    try:
+        (tmp_path / "mnt" / "f").write_bytes(b"relative")
+    finally:
+        res = run("umount", "mnt")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "cache").is_dir() and not (Path("/") / "cache").exists()
+    m = Mount(tmp_path / "store", tmp_path / "mnt", tmp_path / "cache", tmp_path / "log")
+    m.start()
+    try:
+        assert (tmp_path / "mnt" / "f").read_bytes() == b"relative"
+    finally:
+        m.stop()
