@@ -73,6 +73,9 @@ fields of --json (bytes, seconds, Unix times):
   cache_bytes, cache_max_bytes, cache_hits, cache_misses
   cache_hit_rate        hits / lookups of the block cache (null: no lookup yet)
   dir_objects_cached    directory objects in memory (MEGA: every folder)
+  inodes                inodes in memory (volumes; past inode_cache=, directories
+                        nobody uses are unloaded once the kernel forgets their
+                        entries)
   fuse_requests         kernel requests read since the mount (null: not counted,
                         pyfuse3's own request loop in use)
   rss_bytes, peak_rss_bytes
@@ -436,7 +439,9 @@ def format_status(st: dict[str, Any]) -> list[str]:
     )
     if "dir_objects_cached" in st:
         label = "folders in memory" if mega else "directories cached"
-        rows.append((label, str(st["dir_objects_cached"])))
+        inodes = st.get("inodes")
+        more = "" if inodes is None else f" ({inodes} inodes in memory)"
+        rows.append((label, f"{st['dir_objects_cached']}{more}"))
     if st.get("rss_bytes") is not None:
         peak = st.get("peak_rss_bytes")
         peak_text = "" if peak is None else f" (peak {human_bytes(peak)})"

@@ -67,6 +67,8 @@ class MountOptions:
     # Kernel mount flags passed through to libfuse (``noexec``; ``nosuid`` and ``nodev``
     # are on for every megafs mount anyway, whatever mount(8) or mount.fuse3 add).
     mount_flags: set[str] = field(default_factory=set)
+    # Nodes in the inode table past which cold directories are unloaded (Vfs.evict_cold).
+    inode_cache: int = 10_000
 
     def cache_max_bytes(self, where: Path) -> int:
         """The block cache cap: ``cache_size=``, or a quarter of the free space
@@ -176,6 +178,10 @@ def parse_options(specs: list[str]) -> MountOptions:
                 opts.fsname = value
             elif name == "passphrase_file" and value:
                 opts.passphrase_file = Path(value)
+            elif name == "inode_cache" and value:
+                if not value.isdigit():
+                    raise UsageError(f"inode_cache={value}: not a number of inodes")
+                opts.inode_cache = int(value)
             elif name in ("noexec", "nosuid", "nodev"):
                 opts.mount_flags.add(name)
             elif name == "passphrase":

@@ -338,6 +338,7 @@ class _StatusView:
             "cache_misses": self.cache.misses,
             "cache_hit_rate": hit_rate(self.cache.hits, self.cache.misses),
             "dir_objects_cached": self.vfs.dir_objects_cached(),
+            "inodes": len(self.vfs.nodes),
             "fuse_requests": fuse_loop.requests_taken(),
             **memory.status_fields(),
             "last_error": last_error,

@@ -152,6 +152,7 @@ async def open_stack(store_url: str, secret: Secret, opts: MountOptions) -> Volu
             fsync_remote=opts.fsync_remote,
             dir_cache_time=opts.dir_cache_time,
         )
+        vfs.evict_min_nodes = opts.inode_cache
         await vfs.start()
     except BaseException:
         with trio.CancelScope(shield=True):

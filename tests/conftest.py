@@ -22,6 +22,7 @@ from megafs.stores import LocalStore
 from megafs.testing.megaemu.client import EmuClient
 from megafs.testing.megaemu.process import EmulatorProcess, start_emulator
 from megafs.testing.s3server import S3Server, juicefs_binary, juicefs_gateway
+from megafs.vfs.fs import Ctx, Vfs
 from megafs.volume.drive import Volume
 
 faulthandler.enable()
@@ -40,6 +41,15 @@ def make_volume(store_dir: Path, passphrase: str = PASSPHRASE) -> Path:
     store_dir.mkdir(parents=True, exist_ok=True)
     trio.run(lambda: Volume.create(LocalStore(store_dir), passphrase.encode(), kdf_params=TEST_KDF))
     return store_dir
+
+
+async def vfs_write_file(vfs: Vfs, parent: int, name: bytes, data: bytes) -> int:
+    """Create file ``name`` in directory ``parent`` through ``vfs`` (in-process) with
+    ``data`` in it; its inode number."""
+    fh, attr = await vfs.create(parent, name, 0o644, os.O_WRONLY, Ctx(0, 0, 0o022))
+    await vfs.write(fh, 0, data)
+    await vfs.release(fh)
+    return attr.ino
 
 
 def cold_read(path: Path) -> bytes:

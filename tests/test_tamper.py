@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import PASSPHRASE, TEST_KDF
+from conftest import PASSPHRASE, TEST_KDF, vfs_write_file
 
 from megafs.errors import CorruptHeader, IntegrityError, ObjectNotFound, WrongPassphrase
 from megafs.format import HEADER_KEY
@@ -36,13 +36,6 @@ async def _open(store: MemoryStore, state: Path | None = None) -> Vfs:
     return vfs
 
 
-async def _write(vfs: Vfs, parent: int, name: bytes, data: bytes) -> int:
-    fh, attr = await vfs.create(parent, name, 0o644, os.O_WRONLY, CTX)
-    await vfs.write(fh, 0, data)
-    await vfs.release(fh)
-    return attr.ino
-
-
 async def _read(vfs: Vfs, parent: int, name: bytes) -> bytes:
     ino = (await vfs.lookup(parent, name)).ino
     fh = await vfs.open(ino, os.O_RDONLY)
@@ -60,9 +53,9 @@ async def _populate() -> tuple[MemoryStore, dict[str, int]]:
     inos: dict[str, int] = {}
     for d in (b"a", b"b"):
         inos[d.decode()] = (await vfs.mkdir(1, d, 0o755, CTX)).ino
-        await _write(vfs, inos[d.decode()], b"big", BIG[d])
-        await _write(vfs, inos[d.decode()], b"small", b"small " + d)
-    inos["linked"] = await _write(vfs, inos["a"], b"linked", b"hard link content")
+        await vfs_write_file(vfs, inos[d.decode()], b"big", BIG[d])
+        await vfs_write_file(vfs, inos[d.decode()], b"small", b"small " + d)
+    inos["linked"] = await vfs_write_file(vfs, inos["a"], b"linked", b"hard link content")
     await vfs.link(inos["linked"], inos["b"], b"linked2")
     await vfs.close()
     return store, inos
@@ -137,7 +130,7 @@ def test_directory_rollback_refused_across_remount(tmp_path: Path) -> None:
         state = tmp_path / "state"
         vfs = await _open(store, state)
         old = await _raw(store, vfs.volume.dir_key(inos["a"]))
-        await _write(vfs, inos["a"], b"newer", b"v2")
+        await vfs_write_file(vfs, inos["a"], b"newer", b"v2")
         await vfs.close()
         # The client has seen the newer version; the store serves the old one.
         await store.put(vfs.volume.dir_key(inos["a"]), old)

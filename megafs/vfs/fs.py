@@ -21,6 +21,11 @@ Concurrency rules (trio, one thread):
   uploaded chunk references), so the store never references a missing object.
   Last it makes the staging area durable, then saves the rollback table (never
   the other way round: the table must not record versions a power loss can undo).
+* :meth:`Vfs.evict_cold` unloads cold directories in one synchronous section, never
+  while a commit runs, and only directories that no operation has loaded
+  (:meth:`Vfs._dir`) since the previous sweep. An operation that awaits between
+  loading a directory and using it checks ``entries`` again after the await (and
+  loads again if it is gone), as it already must for directories replaced meanwhile.
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ READAHEAD_MIN: Final = 1 << 20
 STATE_XATTR: Final = b"user.megafs.state"  # per-file upload state (never listed)
 REFRESH_FETCHES: Final = 16  # directory HEADs at once while checking for remote changes
 READAHEAD_MAX: Final = 32 << 20
+#: Loaded directories that nobody used for EVICT_INTERVAL to twice that many commit
+#: intervals (30-60 s by default: one whole interval between two sweeps) are unloaded
+#: once the inode table holds ``Vfs.evict_min_nodes`` nodes
+#: (``-o inode_cache=``; see Vfs.evict_cold).
+EVICT_MIN_NODES: Final = 10_000
+EVICT_INTERVAL: Final = 30
 RENAME_NOREPLACE: Final = 1
 RENAME_EXCHANGE: Final = 2
 
@@ -183,6 +194,11 @@ class Vfs:
         # elsewhere (0: never; a read-write mount is the volume's only writer).
         self.dir_cache_time = dir_cache_time if self.read_only else 0.0
         self._dir_etags: dict[int, str | None] = {}  # dir ino -> ETag its entries came from
+        # Directories loaded or used since the last sweep (evict_cold), and when the next
+        # sweep is due (trio clock).
+        self._touched: set[int] = set()
+        self._next_evict = 0.0
+        self.evict_min_nodes = EVICT_MIN_NODES
         #: Drops the kernel's caches of changed entries/inodes (set by the mount code).
         self._commit_soon = trio.Event()  # set: the committer commits at once
         self._commit_done = trio.Event()  # set when the next commit cycle to start ends
@@ -222,6 +238,15 @@ class Vfs:
                     self.errors += 1
                     log.error("background commit failed (will retry): %s", exc)
                 cycle.set()
+                if trio.current_time() >= self._next_evict:
+                    self._next_evict = trio.current_time() + EVICT_INTERVAL * self.commit_interval
+                    if len(self.nodes) >= self.evict_min_nodes:
+                        try:
+                            self.evict_cold()
+                        except Exception:  # (a bug here must not end the committer)
+                            log.exception("unloading cold directories failed")
+                    else:
+                        self._touched.clear()
 
     async def commit_now(self) -> None:
         """Have the committer (:meth:`run_committer`) commit now, not at its next
@@ -335,6 +360,7 @@ class Vfs:
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
             if node.entries is not None:
+                self._touched.add(ino)
                 return node
             if node.loading is not None:
                 await node.loading.wait()
@@ -420,6 +446,8 @@ class Vfs:
                 etag = await self.volume.dir_etag(ino)
                 if etag is None or etag == self._dir_etags.get(ino):
                     return  # unchanged (a deleted directory goes with its parent's change)
+                if node.entries is None or node.loading is not None:
+                    return  # unloaded (evict_cold) or being loaded meanwhile
                 node.loading = trio.Event()
                 try:
                     contents = await self.volume.load_dir(ino)
@@ -524,6 +552,89 @@ class Vfs:
         assert d.entries is not None
         ino = d.entries.get(name)
         return None if ino is None else self.nodes[ino]
+
+    def evict_cold(self) -> int:
+        """Unload every loaded directory that no operation has used since the last
+        call and whose entries nobody holds: the kernel has forgotten them (FORGET),
+        none is open, none has changes not yet committed, none is a loaded directory
+        itself (the deepest go first, so a cold subtree goes whole) or a hard link. The
+        directory's node stays; its entries' nodes go, and are made again from its
+        directory object (cached on disk) when it is next used. Returns how many
+        nodes went. Synchronous, one pass over the inode table; never while a
+        commit runs (a failed commit puts its directories back to be committed
+        again, which an unloaded directory could not be)."""
+        touched, self._touched = self._touched, set()
+        if self._commit_lock.locked():
+            return 0
+        busy = {h.ino for h in self.handles.values()}
+        dirty = self._dirty_dirs | self._dirty_inodes | self._dirty_content
+        depth: dict[int, int] = {}
+
+        def depth_of(n: Node) -> int:
+            chain: list[int] = []
+            cur: Node | None = n
+            base = 0
+            while cur is not None:
+                known = depth.get(cur.ino)
+                if known is not None:
+                    base = known
+                    break
+                chain.append(cur.ino)
+                cur = self.nodes.get(cur.parent) if cur.parent is not None else None
+            for ino in reversed(chain):
+                base += 1
+                depth[ino] = base
+            return base
+
+        def keeps(c: Node | None) -> bool:
+            return c is None or not (
+                c.lookups <= 0
+                and c.opens <= 0
+                and c.entries is None
+                and c.loading is None
+                and not c.hardlinked
+                and c.stored
+                and c.ino not in busy
+                and c.ino not in dirty
+                and not c.dirty
+                and not c.flushing
+                and c.saved is None
+                and c.flush_error is None
+                and not c.content_lock.locked()
+            )
+
+        loaded = [n for n in self.nodes.values() if n.entries is not None and n.ino != ROOT_INO]
+        loaded.sort(key=depth_of, reverse=True)
+        dropped = 0
+        for d in loaded:
+            entries = d.entries
+            if (
+                entries is None
+                or d.ino in touched
+                or d.ino in busy
+                or d.ino in dirty
+                or not d.stored
+                or d.loading is not None
+                or d.record.nlink == 0  # removed (its object too), maybe still open
+                or d.broken is not None
+            ):
+                continue
+            children = [self.nodes.get(i) for i in entries.values()]
+            if any(keeps(c) for c in children):
+                continue
+            for c in children:
+                assert c is not None
+                del self.nodes[c.ino]
+                self._dir_etags.pop(c.ino, None)
+            # (next_cookie stays: the cookies given out when it is loaded again are new)
+            d.entries = d.cookies = d._cookie_order = None
+            self._set_inline_bytes(d, 0)
+            dropped += len(children)
+        if dropped:
+            log.debug(
+                "unloaded cold directories: %d nodes dropped, %d left", dropped, len(self.nodes)
+            )
+        return dropped
 
     def _maybe_drop(self, node: Node) -> None:
         if (
@@ -740,7 +851,7 @@ class Vfs:
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
             await self._dir(node.ino)
-            if self._lookup_entry(d, name) is not node or node.entries is None:
+            if d.entries is None or self._lookup_entry(d, name) is not node or node.entries is None:
                 continue  # changed while loading: look again
             if node.entries:
                 raise FsError(errno.ENOTEMPTY)
@@ -765,6 +876,8 @@ class Vfs:
         while True:
             od = await self._dir(old_parent)
             nd = await self._dir(new_parent)
+            if od.entries is None or nd.entries is None:
+                continue  # unloaded while the other loaded (evict_cold): load again
             src = self._lookup_entry(od, old_name)
             if src is None:
                 raise FsError(errno.ENOENT)
