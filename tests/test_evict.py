@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from conftest import PASSPHRASE, TEST_KDF, needs_fuse, new_mount, vfs_write_file
 
@@ -184,3 +185,119 @@ def test_a_mount_drops_what_the_kernel_forgot(tmp_path: Path) -> None:
         assert not (m.path / "d2" / "f0").exists()
     finally:
         m.stop()
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_random_changes_with_sweeps_in_between_match_a_model(seed: int) -> None:
+    """Namespace changes and sweeps interleaved (the kernel forgetting everything
+    each time): the tree always matches a plain model, and the volume checks clean."""
+    import random
+
+    rng = random.Random(seed)
+
+    async def walk(vfs: Vfs, ino: int, path: str, out: dict[str, bytes | None]) -> None:
+        fh = await vfs.opendir(ino)
+        try:
+            listing = [(name, attr) for name, attr, _ in await vfs.readdir(ino, 0)]
+        finally:
+            await vfs.releasedir(fh)
+        for name, attr in listing:
+            p = f"{path}/{name.decode()}"
+            if attr.mode & 0o040000:
+                out[p] = None
+                await walk(vfs, attr.ino, p, out)
+            else:
+                out[p] = await _read(vfs, ino, name)
+
+    async def resolve(vfs: Vfs, path: str) -> int:
+        ino = ROOT_INO
+        for part in filter(None, path.split("/")):
+            attr = await vfs.lookup(ino, part.encode())
+            vfs.forget(attr.ino, 1)
+            ino = attr.ino
+        return ino
+
+    async def main() -> None:
+        vol, vfs = await _new_vfs()
+        model: dict[str, bytes | None] = {}  # path -> content (None: a directory)
+        dropped = 0
+
+        def dirs() -> list[str]:
+            return [""] + [p for p, c in model.items() if c is None]
+
+        for step in range(400):
+            ops = ["mkdir", "file", "file", "unlink", "rename", "rmdir", "sweep"]
+            op = "link" if rng.random() < 0.02 else rng.choice(ops)
+            if op == "mkdir" or op == "file":
+                parent = rng.choice(dirs())
+                path = f"{parent}/{'d' if op == 'mkdir' else 'f'}{step}"
+                pino = await resolve(vfs, parent)
+                if op == "mkdir":
+                    attr = await vfs.mkdir(pino, path.rsplit("/", 1)[1].encode(), 0o755, CTX)
+                    vfs.forget(attr.ino, 1)
+                    model[path] = None
+                else:
+                    data = os.urandom(rng.choice([10, 5000, 70_000]))
+                    ino = await vfs_write_file(vfs, pino, path.rsplit("/", 1)[1].encode(), data)
+                    vfs.forget(ino, 1)
+                    model[path] = data
+            elif op in ("unlink", "rmdir"):
+                if op == "unlink":
+                    gone = [p for p, c in model.items() if c is not None]
+                else:  # (empty directories)
+                    gone = [p for p in dirs()[1:] if not any(q.startswith(p + "/") for q in model)]
+                if gone:
+                    path = rng.choice(gone)
+                    parent, name = path.rsplit("/", 1)
+                    remove = vfs.unlink if op == "unlink" else vfs.rmdir
+                    await remove(await resolve(vfs, parent), name.encode())
+                    del model[path]
+            elif op == "link":
+                files = [p for p, c in model.items() if c is not None]
+                if files:
+                    src = rng.choice(files)
+                    dst_dir = rng.choice(dirs())
+                    attr = await vfs.lookup(
+                        await resolve(vfs, src.rsplit("/", 1)[0]), src.rsplit("/", 1)[1].encode()
+                    )
+                    linked = await vfs.link(attr.ino, await resolve(vfs, dst_dir), b"l%d" % step)
+                    vfs.forget(attr.ino, 1)
+                    vfs.forget(linked.ino, 1)
+                    model[f"{dst_dir}/l{step}"] = model[src]
+            elif op == "rename" and model:
+                src = rng.choice(list(model))
+                targets = [d for d in dirs() if d != src and not d.startswith(src + "/")]
+                dst_dir = rng.choice(targets)
+                dst = f"{dst_dir}/r{step}"
+                sp, sn = src.rsplit("/", 1)
+                await vfs.rename(
+                    await resolve(vfs, sp),
+                    sn.encode(),
+                    await resolve(vfs, dst_dir),
+                    dst[len(dst_dir) + 1 :].encode(),
+                )
+                for p in [p for p in model if p == src or p.startswith(src + "/")]:
+                    model[dst + p[len(src) :]] = model.pop(p)
+            else:
+                if rng.random() < 0.7:
+                    await vfs.sync()
+                _forget_all(vfs)
+                vfs.evict_cold()
+                dropped += vfs.evict_cold()
+        assert dropped > 50  # (the sweeps did unload directories along the way: 122-294)
+        await vfs.sync()
+        _forget_all(vfs)
+        vfs.evict_cold()
+        vfs.evict_cold()
+        seen: dict[str, bytes | None] = {}
+        await walk(vfs, ROOT_INO, "", seen)
+        assert seen == model
+        assert not (await check_volume(vol)).problems
+        # And a fresh open of the volume sees the same tree.
+        vfs2 = Vfs(await Volume.open(vol.store, PASSPHRASE.encode()))
+        await vfs2.start()
+        again: dict[str, bytes | None] = {}
+        await walk(vfs2, ROOT_INO, "", again)
+        assert again == model
+
+    trio.run(main)
