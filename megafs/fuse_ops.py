@@ -18,7 +18,7 @@ import os
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -126,6 +126,10 @@ async def _traced(
         raise err from None
     log.debug("%s -> ok (%.2f ms)", call, (time.monotonic() - start) * 1000)
     return result
+
+
+#: readdir's ``.`` and ``..`` (see Operations.readdir).
+DOT_ENTRIES: Final = 2
 
 
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:
@@ -297,11 +301,24 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        """``.`` and ``..`` first (offsets 1 and 2: ``ls -a`` shows them, as on a
+        local disk), then the vfs's entries, whose cookies (from 1) move up by
+        DOT_ENTRIES. The kernel counts no lookup for the two dot entries, so neither
+        does :meth:`Vfs.remember`."""
         h = self.vfs.handles.get(fh)
         if h is None:
             raise FsError(errno.EBADF)
-        for name, attr, cookie in await self.vfs.readdir(h.ino, start_id):
-            if not pyfuse3.readdir_reply(token, name, _entry(attr), cookie):
+        if start_id < DOT_ENTRIES:
+            here = await self.vfs.getattr(h.ino)
+            up = await self.vfs.lookup(h.ino, b"..")
+            self.vfs.forget(up.ino, 1)  # (the kernel will not: it links no dentry)
+            dots = ((b".", here, 1), (b"..", up, 2))
+            for name, attr, offset in dots[start_id:]:
+                if not pyfuse3.readdir_reply(token, name, _entry(attr), offset):
+                    return
+        after = max(0, start_id - DOT_ENTRIES)
+        for name, attr, cookie in await self.vfs.readdir(h.ino, after):
+            if not pyfuse3.readdir_reply(token, name, _entry(attr), cookie + DOT_ENTRIES):
                 break
             self.vfs.remember(attr.ino)
 

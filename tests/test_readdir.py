@@ -5,10 +5,12 @@ a large directory in many small pages)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import trio
-from conftest import PASSPHRASE, TEST_KDF
+from conftest import PASSPHRASE, TEST_KDF, needs_fuse, new_mount
 
 from megafs.stores import MemoryStore
 from megafs.vfs.fs import Ctx, Vfs
@@ -93,3 +95,32 @@ def test_paging_cost_grows_linearly() -> None:
         assert large < small * 24, (small, large)
 
     trio.run(main)
+
+
+@needs_fuse
+def test_a_listing_through_the_mount_has_dot_and_dot_dot_once(tmp_path: Path) -> None:
+    m = new_mount(tmp_path)
+    m.start()
+    try:
+        d = m.path / "big"
+        d.mkdir()
+        (d / "sub").mkdir()
+        for i in range(3000):  # (many READDIRPLUS pages)
+            (d / f"f{i:05d}").touch()
+
+        def listing(p: Path) -> list[str]:
+            out = subprocess.run(["ls", "-f", str(p)], capture_output=True, text=True, check=True)
+            return out.stdout.split()
+
+        names = listing(d)
+        assert names[:2] == [".", ".."]
+        assert sorted(names[2:]) == sorted(["sub", *(f"f{i:05d}" for i in range(3000))])
+        assert listing(d / "sub") == [".", ".."]
+        assert listing(m.path)[:2] == [".", ".."]
+        # ".." is the parent: the same inode as stat says.
+        assert os.stat(d / "sub" / "..").st_ino == os.stat(d).st_ino
+        out = subprocess.run(["ls", "-lai", str(d / "sub")], capture_output=True, text=True)
+        inos = {line.split()[-1]: int(line.split()[0]) for line in out.stdout.splitlines()[1:]}
+        assert inos == {".": os.stat(d / "sub").st_ino, "..": os.stat(d).st_ino}
+    finally:
+        m.stop()
