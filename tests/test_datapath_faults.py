@@ -472,7 +472,9 @@ def test_remount_while_the_old_daemon_still_uploads(tmp_path: Path) -> None:
     """``fusermount3 -u`` returns at once while the daemon goes on uploading. A mount
     right away must not replay the same staging area beside it: it is refused with
     a clear message, the old daemon finishes, and then a mount works."""
-    m = new_mount(tmp_path, options=["store_latency=0.2", "store_bandwidth=8M"])
+    # (upload_delay: nothing is uploaded before the unmount, however slowly a loaded
+    # machine gets there, so the final drain always has the whole backlog)
+    m = new_mount(tmp_path, options=["store_latency=0.2", "store_bandwidth=8M", "upload_delay=30"])
     files = {"big": _data("big", 9 * MiB), "small": _data("small", 1000)}
     m.start()
     try:
