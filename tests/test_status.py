@@ -235,6 +235,8 @@ def test_status_during_a_large_upload(tmp_path: Path) -> None:
         assert f"held by {socket.gethostname()} (megafs pid {m.proc.pid}" in text
         assert "last store error:   none" in text
         assert re.search(r"\nmemory: +[\d.]+ MiB resident \(peak [\d.]+ MiB\)\n", text), text
+        assert re.search(r"\ndirectories cached: +\d+ \(\d+ inodes in memory\)\n", text), text
+        assert st["inodes"] >= 3  # the root, big/ and its file
         columns = {re.match(r"[^:]+:\s+", ln).end() for ln in lines}  # type: ignore[union-attr]
         assert len(columns) == 1, lines
 

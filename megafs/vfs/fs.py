@@ -877,15 +877,13 @@ class Vfs:
             od = await self._dir(old_parent)
             nd = await self._dir(new_parent)
             if od.entries is None or nd.entries is None:
-                continue  # unloaded while the other loaded (evict_cold): load again
+                continue  # replaced or unloaded (evict_cold) while the other loaded
             src = self._lookup_entry(od, old_name)
             if src is None:
                 raise FsError(errno.ENOENT)
             dst = self._lookup_entry(nd, new_name)
             if dst is not None and dst.is_dir and dst.entries is None:
                 await self._dir(dst.ino)
-                continue
-            if od.entries is None or nd.entries is None:
                 continue
             break
         # Synchronous from here on.
