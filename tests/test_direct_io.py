@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from megafs.stores import MemoryStore, direct_io
+from megafs.stores.base import Deferred
 from megafs.stores.staging import StagingStore
 
 pytestmark = pytest.mark.skipif(not direct_io.available(), reason="no O_DIRECT here")
@@ -124,3 +125,85 @@ def test_staging_falls_back_where_o_direct_is_refused(
     _stage_and_recover(tmp_path, data, copies=3)
     # Refused once, then not asked for again by that staging area.
     assert sum(1 for f in flags if f & os.O_DIRECT) == 1
+
+
+def test_a_fill_is_not_asked_for_where_o_direct_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _opens(monkeypatch, refuse=True)
+    filled: list[int] = []
+    assert not direct_io.write_new_file_with(tmp_path / "f", 1 << 20, lambda b: filled.append(1))
+    assert not filled and not (tmp_path / "f").exists()
+
+
+def _deferred(data: bytes, fills: list[int]) -> Deferred:
+    def fill(dst: memoryview) -> None:
+        fills.append(len(dst))
+        dst[:] = data
+
+    return Deferred(len(data), fill)
+
+
+@pytest.mark.parametrize(
+    "size, refuse",
+    [
+        ((4 << 20) + 64 * 28, False),  # a sealed chunk: filled into the direct buffer
+        ((4 << 20) + 64 * 28, True),  # O_DIRECT refused: filled into a buffer, written
+        (5000, False),  # small: written through the page cache
+    ],
+)
+def test_staging_fills_a_deferred_put_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, refuse: bool
+) -> None:
+    """put_computed of a Deferred fills it once, in the worker thread, and stages
+    exactly its bytes: readable at once, found and uploaded after a restart."""
+    data = os.urandom(size)
+    fills: list[int] = []
+    flags = _opens(monkeypatch, refuse=refuse)
+
+    async def main() -> bytes:
+        s = StagingStore(MemoryStore(), tmp_path, is_barrier=lambda k: False)
+        assert await s.put_computed(lambda: ("c/d", _deferred(data, fills))) is not None
+        assert fills == [size]
+        assert await s.get("c/d") == data
+        await s.sync()
+        remote = MemoryStore()
+        again = StagingStore(remote, tmp_path, is_barrier=lambda k: False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(again.run_uploader)
+            await again.wait_idle()
+            nursery.cancel_scope.cancel()
+        return await remote.get("c/d")
+
+    assert trio.run(main) == data
+    direct = [f for f in flags if f & os.O_DIRECT]
+    assert len(direct) == (1 if size >= direct_io.DIRECT_MIN else 0)
+
+
+def test_a_deferred_put_that_finds_the_disk_full_is_filled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC in the middle of the direct write: the partial file is removed, room is
+    made, and the ordinary path stages the object (filled anew: the first buffer is
+    gone)."""
+    data = os.urandom((4 << 20) + 1000)
+    fills: list[int] = []
+    real_pwrite = os.pwrite
+    failed: list[int] = []
+
+    def full_once(fd: int, buf: Any, offset: int) -> int:
+        if not failed:
+            failed.append(offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_once)
+
+    async def main() -> None:
+        s = StagingStore(MemoryStore(), tmp_path, is_barrier=lambda k: False, on_full=lambda: True)
+        await s.put_computed(lambda: ("c/d", _deferred(data, fills)))
+        assert len(fills) == 2 and failed
+        assert await s.get("c/d") == data
+        assert not list(tmp_path.glob(".tmp-*"))
+
+    trio.run(main)

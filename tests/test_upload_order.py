@@ -16,7 +16,7 @@ from megafs import stack
 from megafs.config import parse_options
 from megafs.mount import WAIT_ANSWER_MAX, _upload_now
 from megafs.stores import MemoryStore, webdav
-from megafs.stores.base import ObjectStore, put_computed
+from megafs.stores.base import Computed, Deferred, ObjectStore, put_computed
 from megafs.stores.local import LocalStore
 from megafs.stores.staging import UPLOAD_CONCURRENCY, StagingStore, upload_concurrency
 from megafs.stores.tracked import TrackedStore
@@ -177,13 +177,14 @@ def test_the_wait_request_is_answered_when_the_queue_is_empty_or_after_a_while(
     trio.run(main)
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 def test_put_computed_through_the_store_wrappers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deferred: bool
 ) -> None:
-    """The computation runs in a worker thread and its result is put, by every store
-    and wrapper; then ``after`` runs, once the store holds the object, in the same
-    worker thread call where the store can (one hop); None puts nothing and runs
-    nothing after."""
+    """The computation runs in a worker thread and its result (bytes, or a Deferred
+    filled where the store wants it) is put, by every store and wrapper; then
+    ``after`` runs, once the store holds the object, in the same worker thread call
+    where the store can (one hop); None puts nothing and runs nothing after."""
     threads: list[int] = []
     afters: list[tuple[int, bool]] = []
     hops: list[str] = []
@@ -195,9 +196,17 @@ def test_put_computed_through_the_store_wrappers(
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counted)
 
-    def compute(key: str) -> tuple[str, bytes]:
+    def compute(key: str) -> Computed:
         threads.append(threading.get_ident())
-        return key, key.encode() * 3
+        data = key.encode() * 3
+        if not deferred:
+            return key, data
+
+        def fill(dst: memoryview) -> None:
+            threads.append(threading.get_ident())
+            dst[:] = data
+
+        return key, Deferred(len(data), fill)
 
     def nothing() -> None:
         threads.append(threading.get_ident())

@@ -28,7 +28,14 @@ from blake3 import blake3
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from megafs.errors import IntegrityError
-from megafs.format.seal import KIND_CHUNK, OVERHEAD, context, open_sealed, seal_many
+from megafs.format.seal import (
+    KIND_CHUNK,
+    OVERHEAD,
+    context,
+    open_sealed,
+    seal_many,
+    seal_many_into,
+)
 
 CHUNK_SIZE: Final = 4 * 1024 * 1024
 BLOCK_SIZE: Final = 64 * 1024
@@ -109,6 +116,26 @@ def seal_chunk(
 ) -> bytearray:
     """Seal a whole chunk (one buffer or its pieces in order) for upload (a
     ``bytearray`` nobody changes: :meth:`ObjectStore.put` takes it as it is)."""
+    units, ads = _sealing(volume_id, cid, plaintext)
+    return seal_many(aead, units, ads)
+
+
+def seal_chunk_into(
+    aead: AESGCM,
+    volume_id: bytes,
+    cid: bytes,
+    plaintext: memoryview | ChunkContent,
+    dst: memoryview,
+) -> None:
+    """:func:`seal_chunk` written into ``dst`` (exactly :func:`sealed_size` bytes)."""
+    units, ads = _sealing(volume_id, cid, plaintext)
+    seal_many_into(aead, units, ads, dst)
+
+
+def _sealing(
+    volume_id: bytes, cid: bytes, plaintext: memoryview | ChunkContent
+) -> tuple[list[memoryview], list[bytes]]:
+    """A chunk's sealed blocks: their plaintexts and associated data."""
     key = chunk_key(cid)
     if isinstance(plaintext, list):
         units = list(_units(plaintext, BLOCK_SIZE))
@@ -117,7 +144,7 @@ def seal_chunk(
         units = [view[i : i + BLOCK_SIZE] for i in range(0, len(view), BLOCK_SIZE)]
     n = max(1, len(units))
     ads = [context(KIND_CHUNK, volume_id, key, j, last=j == n - 1) for j in range(n)]
-    return seal_many(aead, units or [memoryview(b"")], ads)
+    return units or [memoryview(b"")], ads
 
 
 def block_range(p_start: int, p_end: int, length: int) -> tuple[int, int, int, int]:

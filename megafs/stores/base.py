@@ -72,6 +72,39 @@ class ObjectStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """Object data written straight into a buffer the store provides: ``fill(dst)``
+    writes exactly ``size`` bytes into ``dst`` (any thread). What a computation may
+    return instead of the bytes themselves, so the staging area can seal a chunk
+    straight into its aligned write buffer rather than into a buffer of its own that
+    it then copies (see :meth:`megafs.stores.staging.StagingStore.put_computed`)."""
+
+    size: int
+    fill: Callable[[memoryview], None]
+
+    def materialize(self) -> bytearray:
+        out = bytearray(self.size)
+        self.fill(memoryview(out))
+        return out
+
+
+#: What a computation for :func:`put_computed` returns: a key and its object's data.
+Computed = tuple[str, bytes | bytearray | Deferred]
+
+
+def data_size(data: bytes | bytearray | Deferred) -> int:
+    return data.size if isinstance(data, Deferred) else len(data)
+
+
+def materialized(result: Computed | None) -> tuple[str, bytes | bytearray] | None:
+    """``result`` with its data as bytes (a :class:`Deferred` filled into a buffer)."""
+    if result is None:
+        return None
+    key, data = result
+    return key, data.materialize() if isinstance(data, Deferred) else data
+
+
 @runtime_checkable
 class ComputedPut(Protocol):
     """A store that can compute what it stores in its own worker thread (the
@@ -79,7 +112,7 @@ class ComputedPut(Protocol):
 
     async def put_computed(
         self,
-        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        compute: Callable[[], Computed | None],
         after: Callable[[], None] | None = None,
     ) -> str | None: ...
 
@@ -100,17 +133,18 @@ def _computes(store: object) -> TypeGuard[ComputedPut]:
 
 async def put_computed(
     store: ObjectStore,
-    compute: Callable[[], tuple[str, bytes | bytearray] | None],
+    compute: Callable[[], Computed | None],
     after: Callable[[], None] | None = None,
 ) -> str | None:
     """Run ``compute`` in a worker thread and put the ``(key, data)`` it returns
-    (unconditionally); its ETag, or None (nothing put) if it returns None. Then, if
-    something was put, run ``after`` (it must not raise) in a worker thread. All in
-    one worker thread when ``store`` can (:class:`ComputedPut`), else a thread for
-    ``compute``, ``put``, and a thread for ``after``."""
+    (unconditionally; a :class:`Deferred` is filled into a buffer of its own unless
+    the store takes it as it is); its ETag, or None (nothing put) if it returns None.
+    Then, if something was put, run ``after`` (it must not raise) in a worker thread.
+    All in one worker thread when ``store`` can (:class:`ComputedPut`), else a thread
+    for ``compute``, ``put``, and a thread for ``after``."""
     if _computes(store):
         return await store.put_computed(compute, after)
-    result = await trio.to_thread.run_sync(compute)
+    result = await trio.to_thread.run_sync(lambda: materialized(compute()))
     if result is None:
         return None
     etag = await store.put(*result)

@@ -9,7 +9,9 @@ against 0.03 s written direct (the device copies it by DMA). The writer is the d
 so that CPU comes out of the two cores that also answer the kernel and seal the data.
 
 How. The file's bytes are copied into an aligned buffer (about 0.3 ms per 4 MiB,
-from a small pool of reused buffers, so their pages are warm); the aligned bulk is
+from a small pool of reused buffers, so their pages are warm), or made there in the
+first place (:func:`write_new_file_with`: a chunk is sealed straight into it, which
+saves that copy and the sealed chunk's own buffer); the aligned bulk is
 written with ``O_DIRECT`` and the last partial block, if any, with ``O_DIRECT``
 cleared, so the file is byte for byte what a buffered write makes. Durability is
 unchanged: callers still fsync (a direct write is not durable until then either).
@@ -27,7 +29,7 @@ import fcntl
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -99,43 +101,46 @@ def write_new_file(path: Path, pieces: Sequence[bytes | bytearray | memoryview])
     after the other, the aligned bulk written direct. False, with nothing at
     ``path``, if its filesystem refuses ``O_DIRECT``; OSError for other failures
     (ENOSPC, EIO), the partial file left for the caller to remove."""
-    total = sum(len(p) for p in pieces)
+    return write_new_file_with(path, sum(len(p) for p in pieces), lambda buf: _fill(buf, pieces))
+
+
+def write_new_file_with(path: Path, total: int, fill: Callable[[mmap.mmap], None]) -> bool:
+    """:func:`write_new_file` of the ``total`` bytes ``fill`` writes at the start of
+    the aligned buffer it is given (so data can be made right where it is written
+    from, e.g. a chunk sealed into it, not made elsewhere and copied). ``fill`` is
+    not called if the file's filesystem refuses ``O_DIRECT`` at open."""
     bulk = total - total % ALIGN
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
     buf = _take(total)
     try:
-        _fill(buf, pieces)
-        try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT, 0o600
-            )
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                return False
-            raise
-        try:
-            with memoryview(buf) as view:
-                done = 0
-                direct = True
-                while done < total:
-                    if direct and (done >= bulk or done % ALIGN):
-                        _set_direct(fd, False)  # the tail, or after an odd short write
-                        direct = False
-                    stop = bulk if direct else total
-                    try:
-                        n = os.pwrite(fd, view[done:stop], done)
-                    except OSError as exc:
-                        if exc.errno != errno.EINVAL or not direct or done:
-                            raise
-                        os.close(fd)
-                        fd = -1
-                        os.unlink(path)
-                        return False  # refused at the first write: not supported here
-                    if n == 0:
-                        raise OSError(errno.EIO, "write returned 0", str(path))
-                    done += n
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        fill(buf)
+        with memoryview(buf) as view:
+            done = 0
+            direct = True
+            while done < total:
+                if direct and (done >= bulk or done % ALIGN):
+                    _set_direct(fd, False)  # the tail, or after an odd short write
+                    direct = False
+                stop = bulk if direct else total
+                try:
+                    n = os.pwrite(fd, view[done:stop], done)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not direct or done:
+                        raise
+                    os.close(fd)
+                    fd = -1
+                    os.unlink(path)
+                    return False  # refused at the first write: not supported here
+                if n == 0:
+                    raise OSError(errno.EIO, "write returned 0", str(path))
+                done += n
     finally:
+        if fd >= 0:
+            os.close(fd)
         _give(buf)
     return True

@@ -48,7 +48,7 @@ from typing import final
 import trio
 
 from megafs.errors import NoSpace, ObjectNotFound, PreconditionFailed, StoreError
-from megafs.stores.base import ObjectInfo
+from megafs.stores.base import Computed, ObjectInfo, materialized
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _TMP_PREFIX = ".tmp-"
@@ -274,7 +274,7 @@ class LocalStore:
 
     async def put_computed(
         self,
-        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        compute: Callable[[], Computed | None],
         after: Callable[[], None] | None = None,
     ) -> str | None:
         """``put`` of what ``compute`` returns, then ``after``, all in one worker
@@ -283,7 +283,7 @@ class LocalStore:
         the cache with one thread hop, not three."""
 
         def work() -> str | None:
-            result = compute()
+            result = materialized(compute())
             if result is None:
                 return None
             key, data = result

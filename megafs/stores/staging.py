@@ -45,12 +45,14 @@ Durability. Staged files are written to a temporary name and renamed, so a kille
 process leaves whole files or none. Files of 1 MiB and more (a streaming write's
 chunks) are written around the page cache (:mod:`megafs.stores.direct_io`): read back
 once, at upload, they have no use for it, and copying them there was the daemon's
-largest CPU cost when writing new data. :meth:`sync` fsyncs everything staged so far
-(the caller's fsync/commit point). After a power loss, files staged after the last
-``sync`` may be damaged: each file carries a checksum, and recovery keeps the
-longest undamaged prefix of the sequence. What was synced is always in it: a sync
-first waits for the files of operations numbered before it that are still being
-written, so it makes a prefix of the sequence durable.
+largest CPU cost when writing new data. A chunk staged through :meth:`put_computed`
+is sealed straight into that write's buffer (:class:`~megafs.stores.base.Deferred`).
+:meth:`sync` fsyncs everything staged so far (the caller's fsync/commit point).
+After a power loss, files staged after the last ``sync`` may be damaged: each file
+carries a checksum, and recovery keeps the longest undamaged prefix of the sequence.
+What was synced is always in it: a sync first waits for the files of operations
+numbered before it that are still being written, so it makes a prefix of the
+sequence durable.
 
 On-disk layout: ``DIR/NNNNNNNNNNNNNNNN.op`` where the 16 hex digits are the sequence
 number; the file is ``b"MFS2" || op (b"P" or b"D") || u16 key length || key ||
@@ -76,6 +78,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import mmap
 import os
 import random
 import struct
@@ -93,7 +96,14 @@ import trio
 from megafs.errors import NoSpace, ObjectNotFound, StoreError
 from megafs.stats import RateMeter
 from megafs.stores import direct_io
-from megafs.stores.base import ObjectInfo, ObjectStore, put_computed
+from megafs.stores.base import (
+    Computed,
+    Deferred,
+    ObjectInfo,
+    ObjectStore,
+    data_size,
+    put_computed,
+)
 from megafs.stores.retry import retry_observer
 
 log = logging.getLogger(__name__)
@@ -172,13 +182,29 @@ class _Entry:
     group: int = 0  # barrier group (see StagingStore.group); 0: waits for all before it
 
 
+def _head(op: bytes, key: str, size: int) -> bytes:
+    """What a staged file holds before its ``size`` bytes of data."""
+    k = key.encode()
+    return _HEAD.pack(_MAGIC, op, len(k)) + k + struct.pack(">Q", size)
+
+
 def _encode(op: bytes, key: str, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
     """The pieces of a staged file, in order (written with one writev, not joined)."""
-    k = key.encode()
-    head = _HEAD.pack(_MAGIC, op, len(k)) + k + struct.pack(">Q", len(data))
+    head = _head(op, key, len(data))
     h = blake3.blake3(head)
     h.update(data)
     return [head, memoryview(data), h.digest()]
+
+
+def _encode_into(op: bytes, key: str, data: Deferred, buf: mmap.mmap) -> None:
+    """The staged file of a put of ``data`` made at the start of ``buf``: the data
+    filled in right after the header, then the checksum of both."""
+    head = _head(op, key, data.size)
+    end = len(head) + data.size
+    with memoryview(buf) as view:
+        view[: len(head)] = head
+        data.fill(view[len(head) : end])
+        view[end : end + 32] = blake3.blake3(view[:end]).digest()
 
 
 def _decode(blob: bytes) -> tuple[bool, str, bytes] | None:
@@ -441,18 +467,32 @@ class StagingStore:
     def _path_of(self, seq: int) -> Path:
         return self.directory / f"{seq:016x}.op"
 
-    def _write_file(self, seq: int, op: bytes, key: str, data: bytes | bytearray) -> None:
+    def _write_file(
+        self, seq: int, op: bytes, key: str, data: bytes | bytearray | Deferred
+    ) -> None:
         """Write the staged file of operation ``seq`` (to a temporary name, then
-        renamed: whole or absent). Any thread; touches no shared state."""
-        pieces = _encode(op, key, data)
+        renamed: whole or absent). Any thread; touches no shared state. A large
+        :class:`Deferred` is filled straight into the aligned buffer of a direct
+        write; otherwise it is filled into a buffer of its own first."""
         tmp = self.directory / f".tmp-{seq:016x}"
         try:
-            if self._direct and len(data) >= direct_io.DIRECT_MIN:
-                if direct_io.write_new_file(tmp, pieces):
+            size = data_size(data)
+            if self._direct and size >= direct_io.DIRECT_MIN:
+                if isinstance(data, Deferred):
+                    total = len(_head(op, key, size)) + size + 32
+                    written = direct_io.write_new_file_with(
+                        tmp, total, functools.partial(_encode_into, op, key, data)
+                    )
+                else:
+                    written = direct_io.write_new_file(tmp, _encode(op, key, data))
+                if written:
                     os.replace(tmp, self._path_of(seq))
                     return
                 self._direct = False  # (a benign race: another thread may try once more)
                 log.info("staging: %s does not take O_DIRECT writes", self.directory)
+            if isinstance(data, Deferred):
+                data = data.materialize()
+            pieces = _encode(op, key, data)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 todo = sum(len(p) for p in pieces)
@@ -464,7 +504,7 @@ class StagingStore:
             finally:
                 os.close(fd)
             os.replace(tmp, self._path_of(seq))
-        except OSError:
+        except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
@@ -497,7 +537,7 @@ class StagingStore:
 
     async def put_computed(
         self,
-        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        compute: Callable[[], Computed | None],
         after: Callable[[], None] | None = None,
     ) -> str | None:
         """Run ``compute`` in a worker thread and stage the unconditional put it
@@ -506,11 +546,12 @@ class StagingStore:
         chunk and then staging it took two thread hops, and each waits for the event
         loop's thread, which a streaming write keeps busy answering the kernel
         (measured: a 4 MiB chunk's hop back took 3 ms on top of the 7 ms of sealing
-        it)."""
+        it). A :class:`Deferred` is sealed straight into the staged file's write
+        buffer (see :meth:`_write_file`)."""
         await self._wait_room()
         seq = self._take_seq()
 
-        def work() -> tuple[str, bytes | bytearray, OSError | None] | None:
+        def work() -> tuple[str, bytes | bytearray | Deferred, OSError | None] | None:
             result = compute()
             if result is None:
                 return None
@@ -534,11 +575,13 @@ class StagingStore:
         key, data, error = done
         if error is not None:  # the ordinary path makes room and retries, or reports it
             self._release_seq(seq)
+            if isinstance(data, Deferred):
+                data = await trio.to_thread.run_sync(data.materialize)
             etag = await self.put(key, data)
             if after is not None:
                 await trio.to_thread.run_sync(after)
             return etag
-        return f"staged-{self._staged_entry(seq, b'P', key, len(data)).seq}"
+        return f"staged-{self._staged_entry(seq, b'P', key, data_size(data)).seq}"
 
     async def put(
         self,

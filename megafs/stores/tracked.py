@@ -16,7 +16,7 @@ from typing import Final, Protocol, TypeVar, final
 
 from megafs.errors import ObjectNotFound, PreconditionFailed, StoreError
 from megafs.stats import ErrorLog
-from megafs.stores.base import ObjectInfo, ObjectStore, put_computed
+from megafs.stores.base import Computed, ObjectInfo, ObjectStore, data_size, put_computed
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -72,15 +72,15 @@ class TrackedStore:
 
     async def put_computed(
         self,
-        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        compute: Callable[[], Computed | None],
         after: Callable[[], None] | None = None,
     ) -> str | None:
         put: list[tuple[str, int]] = []
 
-        def noted() -> tuple[str, bytes | bytearray] | None:
+        def noted() -> Computed | None:
             result = compute()
             if result is not None:
-                put.append((result[0], len(result[1])))
+                put.append((result[0], data_size(result[1])))
             return result
 
         def what() -> str:

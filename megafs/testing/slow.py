@@ -9,7 +9,7 @@ from typing import Final, final
 
 import trio
 
-from megafs.stores.base import ObjectInfo, ObjectStore, put_computed
+from megafs.stores.base import Computed, ObjectInfo, ObjectStore, data_size, put_computed
 
 
 @final
@@ -53,7 +53,7 @@ class SlowStore:
 
     async def put_computed(
         self,
-        compute: Callable[[], tuple[str, bytes | bytearray] | None],
+        compute: Callable[[], Computed | None],
         after: Callable[[], None] | None = None,
     ) -> str | None:
         # The inner store's put comes first here (in the inner store's worker
@@ -62,10 +62,10 @@ class SlowStore:
         # request, not a thread): the staged file stays until the store "answered".
         sizes: list[int] = []
 
-        def noted() -> tuple[str, bytes | bytearray] | None:
+        def noted() -> Computed | None:
             result = compute()
             if result is not None:
-                sizes.append(len(result[1]))
+                sizes.append(data_size(result[1]))
             return result
 
         etag = await put_computed(self.inner, noted)

@@ -14,6 +14,7 @@ two commits can never write the same version.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from megafs.format import chunks as fchunks
 from megafs.format import header as fheader
 from megafs.format import records as frec
 from megafs.format.seal import KIND_CACHE, KIND_DIR, KIND_INODE, context, open_sealed, seal
-from megafs.stores.base import ComputedPut, ObjectStore
+from megafs.stores.base import Computed, ComputedPut, Deferred, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -337,13 +338,19 @@ class Volume:
         if size <= INLINE_SEAL_MAX:
             cid, sealed = prepare()
         elif isinstance(self.store, ComputedPut):
-            # Hashed, sealed and staged in one worker thread (one hop, not two).
+            # Hashed, sealed and staged in one worker thread (one hop, not two),
+            # sealed straight into the staged file's write buffer.
             ids: list[bytes] = []
 
-            def prepare_put() -> tuple[str, bytearray] | None:
-                cid, sealed = prepare()
+            def prepare_put() -> Computed | None:
+                cid = fchunks.chunk_id(self.keys.chunk_id, plaintext)
                 ids.append(cid)
-                return None if sealed is None else (fchunks.chunk_key(cid), sealed)
+                if cid in self._known_chunks:
+                    return None
+                seal = functools.partial(
+                    fchunks.seal_chunk_into, self._content, self.volume_id, cid, plaintext
+                )
+                return fchunks.chunk_key(cid), Deferred(fchunks.sealed_size(size), seal)
 
             if await self.store.put_computed(prepare_put) is not None:
                 self._known_chunks.add(ids[0])
