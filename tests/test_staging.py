@@ -112,7 +112,8 @@ def test_only_large_chunks_are_looked_up_before_upload(tmp_path: Path) -> None:
     trio.run(main)
 
 
-def test_recovery_resumes_and_drops_damaged_tail(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["truncated", "a bit flipped"])
+def test_recovery_resumes_and_drops_damaged_tail(tmp_path: Path, damage: str) -> None:
     async def main() -> None:
         remote = MemoryStore()
         s = StagingStore(remote, tmp_path, is_barrier=_barrier)
@@ -125,7 +126,12 @@ def test_recovery_resumes_and_drops_damaged_tail(tmp_path: Path) -> None:
         files = sorted(tmp_path.glob("*.op"))
         assert len(files) == 5
         # "Power loss": the unsynced entry c/b is damaged; it and all later go.
-        files[2].write_bytes(files[2].read_bytes()[:-3])
+        blob = bytearray(files[2].read_bytes())
+        if damage == "truncated":
+            del blob[-3:]
+        else:  # same length: only the checksum tells
+            blob[len(blob) // 2] ^= 0x10
+        files[2].write_bytes(blob)
         s2 = StagingStore(remote, tmp_path, is_barrier=_barrier)
         assert s2.pending_count == 2
         assert await s2.get("d/x") == b"X1"
@@ -305,17 +311,20 @@ def test_a_sync_returns_once_everything_staged_before_it_is_durable(
     trio.run(main)
 
 
-def test_staged_ranges_and_files_of_the_previous_format(tmp_path: Path) -> None:
+def test_staged_ranges_and_files_of_the_previous_formats(tmp_path: Path) -> None:
     """A range of a pending object is read without reading the rest; a staging area
-    written by the previous version (``MFS1``: SHA-256 checksums) is resumed, and a
-    damaged one of its files is still noticed."""
+    written by earlier versions (``MFS1``: SHA-256 checksums, ``MFS2``: BLAKE3) is
+    resumed, and a damaged one of its files is still noticed."""
     import hashlib
     import struct
 
-    def v1(op: bytes, key: str, data: bytes) -> bytes:
+    import blake3
+
+    def old_file(op: bytes, key: str, data: bytes, v2: bool) -> bytes:
         k = key.encode()
-        body = b"MFS1" + op + struct.pack(">H", len(k)) + k + struct.pack(">Q", len(data)) + data
-        return body + hashlib.sha256(body).digest()
+        magic = b"MFS2" if v2 else b"MFS1"
+        body = magic + op + struct.pack(">H", len(k)) + k + struct.pack(">Q", len(data)) + data
+        return body + (blake3.blake3(body) if v2 else hashlib.sha256(body)).digest()
 
     big = bytes(range(256)) * 4096  # 1 MiB: read in a worker thread
 
@@ -332,16 +341,21 @@ def test_staged_ranges_and_files_of_the_previous_format(tmp_path: Path) -> None:
 
         old = tmp_path / "old"
         old.mkdir()
-        (old / f"{1:016x}.op").write_bytes(v1(b"P", "c/a", b"A" * 100))
-        (old / f"{2:016x}.op").write_bytes(v1(b"P", "d/x", b"X"))
-        (old / f"{3:016x}.op").write_bytes(v1(b"P", "d/y", b"Y")[:-1])  # damaged
+        (old / f"{1:016x}.op").write_bytes(old_file(b"P", "c/a", b"A" * 100, False))
+        (old / f"{2:016x}.op").write_bytes(old_file(b"P", "d/x", b"X", False))
+        (old / f"{3:016x}.op").write_bytes(old_file(b"P", "c/b", b"B" * 100, True))
+        (old / f"{4:016x}.op").write_bytes(old_file(b"P", "d/z", b"Z", True))
+        damaged = bytearray(old_file(b"P", "d/y", b"Y" * 50, True))
+        damaged[40] ^= 1
+        (old / f"{5:016x}.op").write_bytes(damaged)
         s2 = StagingStore(remote, old, is_barrier=_barrier)
-        assert s2.pending_count == 2
+        assert s2.pending_count == 4
         async with trio.open_nursery() as nursery:
             nursery.start_soon(s2.run_uploader)
             await s2.wait_idle()
             nursery.cancel_scope.cancel()
         assert await remote.get("c/a") == b"A" * 100 and await remote.get("d/x") == b"X"
+        assert await remote.get("c/b") == b"B" * 100 and await remote.get("d/z") == b"Z"
         with pytest.raises(ObjectNotFound):
             await remote.get("d/y")
 

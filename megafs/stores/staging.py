@@ -55,10 +55,14 @@ numbered before it that are still being written, so it makes a prefix of the
 sequence durable.
 
 On-disk layout: ``DIR/NNNNNNNNNNNNNNNN.op`` where the 16 hex digits are the sequence
-number; the file is ``b"MFS2" || op (b"P" or b"D") || u16 key length || key ||
-u64 data length || data || BLAKE3(everything before)`` (``b"MFS1"`` files, with a
-SHA-256 instead, are still read: BLAKE3 costs a quarter of SHA-256 per byte, and
-every staged byte is hashed twice). The data is a sealed object, so a reader that
+number; the file is ``b"MFS3" || op (b"P" or b"D") || u16 key length || key ||
+u64 data length || data || XXH3-128(everything before)``. The checksum is against
+damage (a torn write, a bad sector), not against an attacker: the data is sealed,
+and whoever reads it authenticates it. Files of the earlier formats are still read:
+``b"MFS2"`` with a BLAKE3 instead, ``b"MFS1"`` with a SHA-256. Every staged byte is
+hashed twice (staged, uploaded), and XXH3 costs a quarter of BLAKE3 per byte here
+(0.15 ms per 4 MiB chunk, against 0.55), BLAKE3 a quarter of SHA-256. The data is a
+sealed object, so a reader that
 needs a range of a staged object reads just that range (the reader authenticates
 it); the checksum is for recovery and uploads, which take the whole file.
 
@@ -92,6 +96,7 @@ from typing import Final, Protocol, final
 
 import blake3
 import trio
+import xxhash
 
 from megafs.errors import NoSpace, ObjectNotFound, StoreError
 from megafs.stats import RateMeter
@@ -108,8 +113,30 @@ from megafs.stores.retry import retry_observer
 
 log = logging.getLogger(__name__)
 
-_MAGIC: Final = b"MFS2"
+_MAGIC: Final = b"MFS3"
+_MAGIC_V2: Final = b"MFS2"
 _MAGIC_V1: Final = b"MFS1"
+_SUM_SIZE: Final = 16  # an XXH3-128
+
+
+def _blake3(body: memoryview) -> bytes:
+    return blake3.blake3(body).digest()
+
+
+def _sha256(body: memoryview) -> bytes:
+    return hashlib.sha256(body).digest()
+
+
+def _xxh3(body: memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(body)
+
+
+# Each format's checksum: its size and how to compute it.
+_SUMS: Final[dict[bytes, tuple[int, Callable[[memoryview], bytes]]]] = {
+    _MAGIC: (_SUM_SIZE, _xxh3),
+    _MAGIC_V2: (32, _blake3),
+    _MAGIC_V1: (32, _sha256),
+}
 INLINE_IO_MAX: Final = 256 * 1024
 #: Immutable objects at least this large are looked up (HEAD) before they are uploaded,
 #: and not uploaded if the remote store has them. A smaller one is simply uploaded: on a
@@ -191,7 +218,7 @@ def _head(op: bytes, key: str, size: int) -> bytes:
 def _encode(op: bytes, key: str, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
     """The pieces of a staged file, in order (written with one writev, not joined)."""
     head = _head(op, key, len(data))
-    h = blake3.blake3(head)
+    h = xxhash.xxh3_128(head)
     h.update(data)
     return [head, memoryview(data), h.digest()]
 
@@ -204,28 +231,26 @@ def _encode_into(op: bytes, key: str, data: Deferred, buf: mmap.mmap) -> None:
     with memoryview(buf) as view:
         view[: len(head)] = head
         data.fill(view[len(head) : end])
-        view[end : end + 32] = blake3.blake3(view[:end]).digest()
+        view[end : end + _SUM_SIZE] = _xxh3(view[:end])
 
 
 def _decode(blob: bytes) -> tuple[bool, str, bytes] | None:
     """(is_delete, key, data), or None if the file is damaged."""
-    if len(blob) < _HEAD.size + 8 + 32:
+    if len(blob) < _HEAD.size:
+        return None
+    magic, op, klen = _HEAD.unpack_from(blob)
+    if magic not in _SUMS:
+        return None
+    size, checksum = _SUMS[magic]
+    if len(blob) < _HEAD.size + 8 + size:
         return None
     view = memoryview(blob)
-    body, digest = view[:-32], view[-32:]
-    magic, op, klen = _HEAD.unpack_from(blob)
-    if magic == _MAGIC:
-        ok = blake3.blake3(body).digest() == digest
-    elif magic == _MAGIC_V1:
-        ok = hashlib.sha256(body).digest() == digest
-    else:
-        return None
-    if not ok or op not in (b"P", b"D"):
+    if checksum(view[:-size]) != bytes(view[-size:]) or op not in (b"P", b"D"):
         return None
     key = blob[_HEAD.size : _HEAD.size + klen].decode()
     (dlen,) = struct.unpack_from(">Q", blob, _HEAD.size + klen)
     start = _HEAD.size + klen + 8
-    if len(blob) - 32 - start != dlen:
+    if len(blob) - size - start != dlen:
         return None
     return op == b"D", key, blob[start : start + dlen]
 
@@ -249,7 +274,7 @@ def put_layout(head: bytes) -> tuple[int, int] | None:
     if len(head) < _HEAD.size:
         return None
     magic, op, klen = _HEAD.unpack_from(head)
-    if magic not in (_MAGIC, _MAGIC_V1) or op != b"P" or _HEAD.size + klen + 8 > len(head):
+    if magic not in _SUMS or op != b"P" or _HEAD.size + klen + 8 > len(head):
         return None
     (dlen,) = struct.unpack_from(">Q", head, _HEAD.size + klen)
     return _HEAD.size + klen + 8, dlen
@@ -479,7 +504,7 @@ class StagingStore:
             size = data_size(data)
             if self._direct and size >= direct_io.DIRECT_MIN:
                 if isinstance(data, Deferred):
-                    total = len(_head(op, key, size)) + size + 32
+                    total = len(_head(op, key, size)) + size + _SUM_SIZE
                     written = direct_io.write_new_file_with(
                         tmp, total, functools.partial(_encode_into, op, key, data)
                     )
