@@ -61,10 +61,11 @@ damage (a torn write, a bad sector), not against an attacker: the data is sealed
 and whoever reads it authenticates it. Files of the earlier formats are still read:
 ``b"MFS2"`` with a BLAKE3 instead, ``b"MFS1"`` with a SHA-256. Every staged byte is
 hashed twice (staged, uploaded), and XXH3 costs a quarter of BLAKE3 per byte here
-(0.15 ms per 4 MiB chunk, against 0.55), BLAKE3 a quarter of SHA-256. The data is a
-sealed object, so a reader that
-needs a range of a staged object reads just that range (the reader authenticates
-it); the checksum is for recovery and uploads, which take the whole file.
+(0.15 ms per 4 MiB chunk, against 0.55), BLAKE3 a quarter of SHA-256. (An older
+megafs takes an MFS3 file for a damaged one: do not go back to one with uploads
+pending.) The data is a sealed object, so a reader that needs a range of a staged
+object reads just that range (the reader authenticates it); the checksum is for
+recovery and uploads, which take the whole file.
 
 Concurrency: ``_entries`` (key -> newest staged entry) and ``_order`` are changed
 only in synchronous sections. The uploader task owns uploads; ``put``/``delete``
@@ -137,6 +138,7 @@ _SUMS: Final[dict[bytes, tuple[int, Callable[[memoryview], bytes]]]] = {
     _MAGIC_V2: (32, _blake3),
     _MAGIC_V1: (32, _sha256),
 }
+
 INLINE_IO_MAX: Final = 256 * 1024
 #: Immutable objects at least this large are looked up (HEAD) before they are uploaded,
 #: and not uploaded if the remote store has them. A smaller one is simply uploaded: on a
