@@ -225,10 +225,9 @@ def _encode(op: bytes, key: str, data: bytes | bytearray | memoryview) -> list[b
     return [head, memoryview(data), h.digest()]
 
 
-def _encode_into(op: bytes, key: str, data: Deferred, buf: mmap.mmap) -> None:
-    """The staged file of a put of ``data`` made at the start of ``buf``: the data
-    filled in right after the header, then the checksum of both."""
-    head = _head(op, key, data.size)
+def _encode_into(head: bytes, data: Deferred, buf: mmap.mmap) -> None:
+    """The staged file of a put of ``data`` (header ``head``) made at the start of
+    ``buf``: the data filled in right after the header, then the checksum of both."""
     end = len(head) + data.size
     with memoryview(buf) as view:
         view[: len(head)] = head
@@ -506,9 +505,11 @@ class StagingStore:
             size = data_size(data)
             if self._direct and size >= direct_io.DIRECT_MIN:
                 if isinstance(data, Deferred):
-                    total = len(_head(op, key, size)) + size + _SUM_SIZE
+                    head = _head(op, key, size)
                     written = direct_io.write_new_file_with(
-                        tmp, total, functools.partial(_encode_into, op, key, data)
+                        tmp,
+                        len(head) + size + _SUM_SIZE,
+                        functools.partial(_encode_into, head, data),
                     )
                 else:
                     written = direct_io.write_new_file(tmp, _encode(op, key, data))
