@@ -14,6 +14,7 @@ from conftest import PASSPHRASE, TEST_KDF, make_volume
 
 from megafs import stack
 from megafs.config import parse_options
+from megafs.format.chunks import chunk_key
 from megafs.mount import WAIT_ANSWER_MAX, _upload_now
 from megafs.stores import MemoryStore, webdav
 from megafs.stores.base import Computed, Deferred, ObjectStore, put_computed
@@ -24,7 +25,7 @@ from megafs.stores.webdav import WebDavStore
 from megafs.testing import FaultyStore
 from megafs.testing.slow import SlowStore
 from megafs.vfs.fs import Ctx, Vfs
-from megafs.volume.check import check_volume
+from megafs.volume.check import Report, check_volume
 from megafs.volume.drive import ROOT_INO, Volume
 
 
@@ -34,11 +35,12 @@ def _barrier(key: str) -> bool:
 
 class _Recording(FaultyStore):
     """Notes, for each put, which keys were in flight and which were done when it
-    began."""
+    began. The puts of the keys in ``slow`` take that many seconds more."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, slow: dict[str, float] | None = None) -> None:
         super().__init__(MemoryStore())
         self.delay = delay
+        self.slow = slow if slow is not None else {}
         self.flying: set[str] = set()
         self.finished: list[str] = []
         self.at_start: dict[str, tuple[set[str], set[str]]] = {}
@@ -54,6 +56,7 @@ class _Recording(FaultyStore):
         self.at_start[key] = (set(self.flying), set(self.finished))
         self.flying.add(key)
         try:
+            await trio.sleep(self.slow.get(key, 0))
             return await super().put(key, data, if_none_match=if_none_match, if_match=if_match)
         finally:
             self.flying.discard(key)
@@ -107,6 +110,34 @@ def test_a_key_twice_in_one_group_is_put_in_order(tmp_path: Path) -> None:
         await _upload_all(s)
         assert [k for k in remote.finished if k == "d/x"] == ["d/x", "d/x"]
         assert await remote.inner.get("d/x") == b"v2"
+
+    trio.run(main)
+
+
+def test_a_barrier_that_names_its_chunks_waits_only_for_those(tmp_path: Path) -> None:
+    """needing(): a barrier waits for the chunks it uses and for the barriers of
+    earlier groups, not for an unrelated chunk staged before it."""
+
+    async def main() -> None:
+        remote = _Recording(delay=0.01, slow={"c/big": 1.0, "d/early": 0.3})
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, concurrency=8)
+        with s.group():
+            await s.put("d/early", b"an earlier commit's directory")
+        await s.put("c/big", b"unrelated, slow")
+        await s.put("c/mine", b"chunk")
+        with s.group():
+            with s.needing(["c/mine", "c/gone-already"]):
+                await s.put("d/mine", b"meta")
+            with s.needing(["c/big"]):
+                await s.put("d/uses-big", b"meta")
+            await s.put("d/unknown", b"meta")  # (no needing(): waits for all before)
+        await _upload_all(s)
+
+        flying, done = remote.at_start["d/mine"]
+        assert {"c/mine", "d/early"} <= done  # its chunk, and the earlier group
+        assert "c/big" in flying  # not the unrelated chunk
+        for key in ("d/uses-big", "d/unknown"):
+            assert {"c/big", "c/mine", "d/early"} <= remote.at_start[key][1]
 
     trio.run(main)
 
@@ -244,7 +275,7 @@ def test_put_computed_through_the_store_wrappers(
 
 
 async def _vfs_over_staging(
-    store: MemoryStore, tmp_path: Path, commit_interval: float = 1.0
+    store: ObjectStore, tmp_path: Path, commit_interval: float = 1.0
 ) -> tuple[Vfs, StagingStore]:
     """A new volume on ``store``, opened with a staging area (no uploader running)."""
     await Volume.create(store, PASSPHRASE.encode(), kdf_params=TEST_KDF)
@@ -256,9 +287,19 @@ async def _vfs_over_staging(
     return vfs, staging
 
 
+async def _closed_and_checked(vfs: Vfs, staging: StagingStore, store: ObjectStore) -> Report:
+    """Upload everything, close ``vfs``, and check the volume on ``store`` (clean)."""
+    await _upload_all(staging)
+    await vfs.close()
+    report = await check_volume(await Volume.open(store, PASSPHRASE.encode()), deep=True)
+    assert report.ok, report.problems
+    return report
+
+
 def test_a_commit_stages_its_directories_in_groups(tmp_path: Path) -> None:
-    """New directories form one group, the directories they are linked into a later
-    one, deletions a third; uploaded, the volume checks clean."""
+    """A commit's directories form one group, each staged after the new directories
+    it links and waiting for them; deletions are a group of their own, after;
+    uploaded, the volume checks clean."""
     ctx = Ctx(0, 0)
 
     async def main() -> None:
@@ -266,16 +307,14 @@ def test_a_commit_stages_its_directories_in_groups(tmp_path: Path) -> None:
         vfs, staging = await _vfs_over_staging(store, tmp_path)
         volume = vfs.volume
         a = (await vfs.mkdir(ROOT_INO, b"a", 0o755, ctx)).ino
-        await vfs.mkdir(a, b"b", 0o755, ctx)
-        await vfs.mkdir(ROOT_INO, b"c", 0o755, ctx)
+        b = (await vfs.mkdir(a, b"b", 0o755, ctx)).ino
+        c = (await vfs.mkdir(ROOT_INO, b"c", 0o755, ctx)).ino
         await vfs.commit()
-        entries = list(staging._order.values())
-        root = volume.dir_key(ROOT_INO)
-        new = [e for e in entries if e.key != root]
-        assert len(new) == 3 and len({e.group for e in new}) == 1 and new[0].group
-        (root_entry,) = [e for e in entries if e.key == root]
-        assert root_entry.group not in (0, new[0].group)
-        assert root_entry.seq > max(e.seq for e in new)
+        entry = {e.key: e for e in staging._order.values()}
+        root_entry, ea, eb, ec = (entry[volume.dir_key(i)] for i in (ROOT_INO, a, b, c))
+        assert len(entry) == 4 and len({e.group for e in entry.values()}) == 1 and ea.group
+        assert eb.needs == [] and ec.needs == []
+        assert ea.needs == [eb.seq] and sorted(root_entry.needs or ()) == sorted([ea.seq, ec.seq])
 
         await vfs.rmdir(ROOT_INO, b"c")
         await vfs.mkdir(ROOT_INO, b"d", 0o755, ctx)
@@ -285,12 +324,69 @@ def test_a_commit_stages_its_directories_in_groups(tmp_path: Path) -> None:
         assert gone.group and gone.seq == max(e.seq for e in later)
         assert all(e.group not in (0, gone.group) for e in later if not e.delete)
 
-        await _upload_all(staging)
-        await vfs.close()
-        fresh = await Volume.open(store, PASSPHRASE.encode())
-        report = await check_volume(fresh, deep=True)
-        assert report.ok, report.problems
+        report = await _closed_and_checked(vfs, staging, store)
         assert report.directories == 4  # the root, a, a/b, d
+
+    trio.run(main)
+
+
+def test_a_directory_waits_for_the_inode_object_of_a_new_hard_link(tmp_path: Path) -> None:
+    ctx = Ctx(0, 0)
+
+    async def main() -> None:
+        store = MemoryStore()
+        vfs, staging = await _vfs_over_staging(store, tmp_path)
+        volume = vfs.volume
+        d = (await vfs.mkdir(ROOT_INO, b"d", 0o755, ctx)).ino
+        await vfs.commit()
+        await _upload_all(staging)
+        fh, attr = await vfs.create(d, b"f", 0o644, os.O_WRONLY, ctx)
+        await vfs.release(fh)
+        await vfs.link(attr.ino, ROOT_INO, b"g")
+        await vfs.commit()
+        entry = {e.key: e for e in staging._order.values()}
+        inode = entry[volume.inode_key(attr.ino)]
+        for ino in (ROOT_INO, d):
+            assert entry[volume.dir_key(ino)].needs == [inode.seq]
+        await _closed_and_checked(vfs, staging, store)
+
+    trio.run(main)
+
+
+def test_a_directory_object_goes_up_once_its_own_files_chunks_are_there(
+    tmp_path: Path,
+) -> None:
+    """A commit's directory object waits for the chunks of its own files, not for a
+    slow chunk of another directory's file; uploaded, the volume checks clean."""
+    ctx = Ctx(0, 0)
+
+    async def main() -> None:
+        remote = _Recording(delay=0.0, slow={})
+        vfs, staging = await _vfs_over_staging(remote, tmp_path)
+        volume = vfs.volume
+        files = {}
+        for name in (b"fast", b"slow"):
+            d = (await vfs.mkdir(ROOT_INO, name, 0o755, ctx)).ino
+            fh, attr = await vfs.create(d, b"f", 0o644, os.O_WRONLY, ctx)
+            await vfs.write(fh, 0, os.urandom(64 << 10))  # (a chunk, not inline)
+            await vfs.release(fh)
+            files[name] = (volume.dir_key(d), attr.ino)
+        await vfs.sync()
+        chunk = {
+            name: chunk_key(ref.cid)
+            for name, (_, ino) in files.items()
+            for ref in vfs.nodes[ino].record.chunks.values()
+        }
+        remote.slow[chunk[b"slow"]] = 1.0
+        await _upload_all(staging)
+
+        fast_dir, slow_dir = files[b"fast"][0], files[b"slow"][0]
+        flying, done = remote.at_start[fast_dir]
+        assert chunk[b"fast"] in done and chunk[b"slow"] in flying
+        assert chunk[b"slow"] in remote.at_start[slow_dir][1]
+        # The root links both: it waits for both directory objects.
+        assert {fast_dir, slow_dir} <= remote.at_start[volume.dir_key(ROOT_INO)][1]
+        await _closed_and_checked(vfs, staging, remote.inner)
 
     trio.run(main)
 

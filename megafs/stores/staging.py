@@ -18,9 +18,13 @@ directory objects, which reference no object of their group) wait for everything
 staged before the group but not for each other, so a commit of a hundred directories
 costs the store one round trip, not a hundred (measured: ``tar x`` of 120
 directories, 20 ms per request: 146 directory objects took 3.7 s one after another).
-Groups are not recorded on disk: operations found at mount are uploaded one barrier
-at a time. Chunks never wait: the uploader walks past barriers that must wait and
-starts the chunks staged after them.
+A barrier staged with :meth:`StagingStore.needing` (the chunks its files use) waits
+only for those chunks and for the barriers before its group, not for every chunk
+staged before it: the metadata still reaches the store commit after commit, and a
+directory object goes up once its own files' chunks are there, not after the last
+chunk of the commit. Groups are not recorded on disk: operations found at mount
+are uploaded one barrier at a time. Chunks never wait: the uploader walks past
+barriers that must wait and starts the chunks staged after them.
 Non-barrier objects are immutable and named by their content, so one the remote
 store has already (same key and size) is not uploaded again (dedup, off the write
 path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
@@ -88,7 +92,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -161,6 +165,9 @@ UPLOAD_BYTES_IN_FLIGHT: Final = 48 << 20
 _HEAD = struct.Struct(">4scH")
 # The barrier group of the operations a task stages (0: none); see StagingStore.group.
 _GROUP: ContextVar[int] = ContextVar("megafs_staging_group", default=0)
+# The content keys the barrier a task stages in a group references (None: not
+# known, it waits for everything staged before its group); see StagingStore.needing.
+_NEEDS: ContextVar[Collection[str] | None] = ContextVar("megafs_staging_needs", default=None)
 _group_ids = itertools.count(1)
 # The uploader's walk of the queue stops after passing this many barriers that must
 # wait (it looks past them for chunks it can start): a walk costs at most this much
@@ -209,6 +216,18 @@ class _Entry:
     done: bool = False
     staged: float = 0.0  # when (trio clock); 0 for one found at mount: due at once
     group: int = 0  # barrier group (see StagingStore.group); 0: waits for all before it
+    # A barrier of a group staged with StagingStore.needing: the sequence numbers of
+    # the puts it waits for (largest first; pruned by the uploader's walk) besides
+    # the barriers before its group. None: it waits for everything before its group.
+    needs: list[int] | None = None
+
+
+def _needs_met(needs: list[int], pending: Container[int]) -> bool:
+    """Whether none of the puts in ``needs`` (largest sequence number first) is
+    ``pending``; drops the ones that are not from the list's end, smallest first."""
+    while needs and needs[-1] not in pending:
+        needs.pop()
+    return not needs
 
 
 def _head(op: bytes, key: str, size: int) -> bytes:
@@ -547,6 +566,11 @@ class StagingStore:
         entry = _Entry(
             seq, key, op == b"D", size, self._path_of(seq), staged=self._last_stage, group=group
         )
+        refs = _NEEDS.get()
+        if group and refs is not None and op == b"P":
+            # (a deletion of one of them is a barrier before this one: waited for)
+            pending = (self._entries.get(key) for key in refs)
+            entry.needs = sorted({e.seq for e in pending if e is not None}, reverse=True)
         self._add(entry)
         return entry
 
@@ -562,6 +586,21 @@ class StagingStore:
             yield
         finally:
             _GROUP.reset(token)
+
+    @contextmanager
+    def needing(self, keys: Collection[str]) -> Iterator[None]:
+        """A barrier put staged in this context, inside a :meth:`group`, references
+        no object staged before it but ``keys`` (chunks, or barriers of its own group
+        staged before it): it waits for the barriers staged before its group and for
+        the operations on ``keys`` staged before it, not for every chunk staged
+        before it (a commit's directory objects go up as soon as their own files'
+        chunks are there, not after the last chunk of the commit). Groups still
+        reach the store in order, one after the other."""
+        token = _NEEDS.set(keys)
+        try:
+            yield
+        finally:
+            _NEEDS.reset(token)
 
     async def put_computed(
         self,
@@ -805,13 +844,20 @@ class StagingStore:
                 # per finished upload was quadratic in a long queue). `front` is the
                 # group of every entry walked so far (None: none walked; 0: they are
                 # not all barriers of one group), so a barrier may start iff `front`
-                # is None or its own group.
+                # is None or its own group. `bfront` is the same for the barriers
+                # walked so far: a barrier that knows what it needs (`needs`) may
+                # start iff `bfront` is None or its own group and those puts are done.
                 front: int | None = None
+                bfront: int | None = None
                 blocked = 0
                 for seq, e in self._order.items():
                     barrier = self._is_barrier(e.key) or e.delete
                     group = e.group if barrier else 0
                     may_start = front is None or (group != 0 and front == group)
+                    if barrier:
+                        if e.needs is not None:
+                            may_start = bfront in (None, group) and _needs_met(e.needs, self._order)
+                        bfront = group if bfront is None or bfront == group else 0
                     front = group if front is None or front == group else 0
                     if seq in in_flight:
                         continue

@@ -37,7 +37,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -144,6 +144,10 @@ class WriteBack(Protocol):
     def group(self) -> AbstractContextManager[None]:
         """A context whose staged objects may reach the remote store in any order
         (each after everything staged before the context)."""
+
+    def needing(self, keys: Collection[str]) -> AbstractContextManager[None]:
+        """Inside a group: the object staged in this context uses no chunk but
+        ``keys``, so it need not wait for the other chunks staged before it."""
 
 
 class Vfs:
@@ -1255,12 +1259,13 @@ class Vfs:
             first, later = self._snapshot()
             deletions, self._deletions = self._deletions, []
             try:
-                # Each step's objects reference none of its own (a directory stored
-                # before references only inodes and directories stored before, new
-                # ones are in `first`), so each is one group for the staging area.
-                for batch in (first, later):
-                    with self._group():
-                        await self._put_all(batch)
+                # One group for the staging area, staged in stages (_stages): an
+                # object names what it needs (`refs`: its chunks, and the new objects
+                # of this commit it links, staged in an earlier stage), and goes up
+                # once those are there. Deletions are a group of their own, after.
+                with self._group():
+                    for stage in _stages(first + later):
+                        await self._put_all(stage)
                 with self._group():
                     async with trio.open_nursery() as n:
                         for key in deletions:
@@ -1285,12 +1290,48 @@ class Vfs:
 
     async def _put_all(self, batch: list[tuple[SealedObject, Node]]) -> None:
         async def put(obj: SealedObject, node: Node) -> None:
-            await self.volume.put_object(obj)
+            # (the staging area then waits only for the chunks the object uses)
+            with nullcontext() if self.writeback is None else self.writeback.needing(obj.refs):
+                await self.volume.put_object(obj)
             node.stored = True
 
         async with trio.open_nursery() as n:
             for obj, node in batch:
                 n.start_soon(put, obj, node)
+
+
+def _stages(batch: list[tuple[SealedObject, Node]]) -> Iterator[list[tuple[SealedObject, Node]]]:
+    """A commit's objects in the order the staging area needs them: each object
+    after the objects of ``batch`` it links, which are added to its ``refs``. Only
+    new ones can be linked and need that: a new directory (its object may not be on
+    the store yet) or a hard-linked file's new inode object. The links follow the
+    tree, so there is no cycle; an object left over (if there were) comes last."""
+    new = {node.ino: obj.key for obj, node in batch if not node.stored or node.hardlinked}
+    items = {obj.key: (obj, node) for obj, node in batch}
+    waiting: dict[str, int] = {}
+    dependents: dict[str, list[str]] = {}
+    for obj, node in batch:
+        linked = []
+        if node.entries is not None:  # (a directory; an inode object links nothing)
+            linked = [new[i] for i in node.entries.values() if i in new and new[i] != obj.key]
+        if linked:
+            obj.refs += tuple(linked)
+        waiting[obj.key] = len(linked)
+        for key in linked:
+            dependents.setdefault(key, []).append(obj.key)
+    stage = [item for item in batch if not waiting[item[0].key]]
+    while stage:
+        yield stage
+        ready = []
+        for obj, _ in stage:
+            for key in dependents.get(obj.key, ()):
+                waiting[key] -= 1
+                if not waiting[key]:
+                    ready.append(items[key])
+        stage = ready
+    left = [item for item in batch if waiting[item[0].key] > 0]
+    if left:
+        yield left
 
 
 def _inline_bytes(entries: dict[bytes, Record]) -> int:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
@@ -57,11 +58,18 @@ INLINE_SEAL_MAX: Final = 32 * 1024
 
 @dataclass
 class SealedObject:
-    """A metadata object ready for upload; ``version`` is recorded once stored."""
+    """A metadata object ready for upload; ``version`` is recorded once stored;
+    ``refs``: the keys of the chunks its records use."""
 
     key: str
     data: bytes
     version: int
+    refs: tuple[str, ...] = ()
+
+
+def _chunk_keys(records: Iterable[frec.Record]) -> tuple[str, ...]:
+    """The keys of the chunks ``records`` use (a chunk shared by two files twice)."""
+    return tuple(fchunks.chunk_key(c.cid) for r in records for c in r.chunks.values())
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -293,7 +301,10 @@ class Volume:
         version = self._seen.get(key, 0) + 1
         plain = frec.encode_dir(version, ino, self_record, entries)
         return SealedObject(
-            key, seal(self._meta, plain, context(KIND_DIR, self.volume_id, key)), version
+            key,
+            seal(self._meta, plain, context(KIND_DIR, self.volume_id, key)),
+            version,
+            _chunk_keys(entries.values()),
         )
 
     def seal_inode(self, rec: frec.Record) -> SealedObject:
@@ -302,7 +313,10 @@ class Volume:
         version = self._seen.get(key, 0) + 1
         plain = frec.encode_inode(version, rec)
         return SealedObject(
-            key, seal(self._meta, plain, context(KIND_INODE, self.volume_id, key)), version
+            key,
+            seal(self._meta, plain, context(KIND_INODE, self.volume_id, key)),
+            version,
+            _chunk_keys((rec,)),
         )
 
     async def put_object(self, obj: SealedObject) -> None:
