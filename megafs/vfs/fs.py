@@ -1261,7 +1261,7 @@ class Vfs:
             try:
                 # One group for the staging area, staged in stages (_stages): an
                 # object names what it needs (`refs`: its chunks, and the new objects
-                # of this commit it links, staged in an earlier stage), and goes up
+                # of this commit it links, staged in an earlier stage) and may go up
                 # once those are there. Deletions are a group of their own, after.
                 with self._group():
                     for stage in _stages(first + later):
