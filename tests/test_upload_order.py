@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,7 +18,7 @@ from megafs.config import parse_options
 from megafs.format.chunks import chunk_key
 from megafs.mount import WAIT_ANSWER_MAX, _upload_now
 from megafs.stores import MemoryStore, webdav
-from megafs.stores.base import Computed, Deferred, ObjectStore, put_computed
+from megafs.stores.base import Computed, Deferred, ObjectStore, put_computed, run_after
 from megafs.stores.local import LocalStore
 from megafs.stores.staging import UPLOAD_CONCURRENCY, StagingStore, upload_concurrency
 from megafs.stores.tracked import TrackedStore
@@ -138,6 +139,57 @@ def test_a_barrier_that_names_its_chunks_waits_only_for_those(tmp_path: Path) ->
         assert "c/big" in flying  # not the unrelated chunk
         for key in ("d/uses-big", "d/unknown"):
             assert {"c/big", "c/mine", "d/early"} <= remote.at_start[key][1]
+
+    trio.run(main)
+
+
+def test_after_steps_share_worker_threads_and_all_run() -> None:
+    """run_after: puts that end together run their steps in one thread hop; each
+    caller returns once its own step has run."""
+
+    async def main() -> None:
+        ran: list[int] = []
+        threads: set[int] = set()
+
+        def step(i: int) -> None:
+            threads.add(threading.get_ident())
+            ran.append(i)
+
+        async def one(i: int) -> None:
+            await run_after(lambda: step(i))
+            assert i in ran
+
+        hops = 0
+        real = trio.to_thread.run_sync
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal hops
+            hops += 1
+            return await real(*args, **kwargs)
+
+        trio.to_thread.run_sync = counted  # type: ignore[assignment]
+        try:
+            async with trio.open_nursery() as n:
+                for i in range(50):
+                    n.start_soon(one, i)
+        finally:
+            trio.to_thread.run_sync = real
+        assert sorted(ran) == list(range(50))
+        assert threading.get_ident() not in threads
+        assert hops < 10
+
+    trio.run(main)
+
+
+def test_an_after_step_whose_runner_is_cancelled_runs_with_the_next() -> None:
+    async def main() -> None:
+        ran: list[str] = []
+        with trio.CancelScope() as scope:
+            scope.cancel()  # (the thread hop is refused: nothing runs)
+            await run_after(lambda: ran.append("first"))
+        assert ran == []
+        await run_after(lambda: ran.append("second"))
+        assert ran == ["first", "second"]
 
     trio.run(main)
 

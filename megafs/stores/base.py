@@ -141,7 +141,8 @@ async def put_computed(
     the store takes it as it is); its ETag, or None (nothing put) if it returns None.
     Then, if something was put, run ``after`` (it must not raise) in a worker thread.
     All in one worker thread when ``store`` can (:class:`ComputedPut`), else a thread
-    for ``compute``, ``put``, and a thread for ``after``."""
+    for ``compute``, ``put``, and ``after`` with those of other puts that end
+    meanwhile (:func:`run_after`)."""
     if _computes(store):
         return await store.put_computed(compute, after)
     result = await trio.to_thread.run_sync(lambda: materialized(compute()))
@@ -149,5 +150,61 @@ async def put_computed(
         return None
     etag = await store.put(*result)
     if after is not None:
-        await trio.to_thread.run_sync(after)
+        await run_after(after)
     return etag
+
+
+@dataclass
+class _Afters:
+    """The ``after`` steps waiting for a worker thread, and the batch in one."""
+
+    todo: list[tuple[Callable[[], None], trio.Event]]
+    running: trio.Event | None = None  # set when the batch in a thread has ended
+
+
+_AFTERS: trio.lowlevel.RunVar[_Afters] = trio.lowlevel.RunVar("megafs_afters")
+
+
+def _run_all(steps: list[Callable[[], None]]) -> None:
+    for step in steps:
+        step()
+
+
+async def run_after(step: Callable[[], None]) -> None:
+    """Run ``step`` (a put's ``after``: a staged file's unlink or rename; it must not
+    raise) in a worker thread, with the steps of other puts that end meanwhile: one
+    thread hop per batch, not per put (a hop costs more than a rename: perf put 2/3
+    of the daemon's time uploading small chunks in the kernel, switching threads).
+    Measured on the slow-store ``tar x`` (1,200 uploads, 4 interleaved runs each):
+    the time until the store had everything 2.27-2.49 -> 2.15-2.18 s, the daemon's
+    CPU meanwhile 2.5-2.7 -> 2.2-2.3 s.
+
+    Concurrency: the caller whose step is not done and finds no batch running takes
+    every waiting step into one batch and runs it; the others wait for that batch to
+    end and look again. A batch that did not run (its runner was cancelled before
+    the thread started) goes back to the front of the queue."""
+    try:
+        afters = _AFTERS.get()
+    except LookupError:
+        afters = _Afters([])
+        _AFTERS.set(afters)
+    done = trio.Event()
+    afters.todo.append((step, done))
+    while not done.is_set():
+        if afters.running is not None:
+            await afters.running.wait()
+            continue
+        batch, afters.todo = afters.todo, []
+        running = afters.running = trio.Event()
+        ran = False
+        try:
+            await trio.to_thread.run_sync(_run_all, [s for s, _ in batch])
+            ran = True
+        finally:
+            afters.running = None
+            running.set()
+            if ran:
+                for _, ended in batch:
+                    ended.set()
+            else:
+                afters.todo[:0] = batch

@@ -9,7 +9,14 @@ from typing import Final, final
 
 import trio
 
-from megafs.stores.base import Computed, ObjectInfo, ObjectStore, data_size, put_computed
+from megafs.stores.base import (
+    Computed,
+    ObjectInfo,
+    ObjectStore,
+    data_size,
+    put_computed,
+    run_after,
+)
 
 
 @final
@@ -58,8 +65,8 @@ class SlowStore:
     ) -> str | None:
         # The inner store's put comes first here (in the inner store's worker
         # thread), the delay after: the caller hears of it as late as of a put. Then
-        # ``after``, in a thread of its own, as for a remote store (whose put is a
-        # request, not a thread): the staged file stays until the store "answered".
+        # ``after``, as for a remote store (whose put is a request, not a thread):
+        # the staged file stays until the store "answered".
         sizes: list[int] = []
 
         def noted() -> Computed | None:
@@ -72,7 +79,7 @@ class SlowStore:
         if etag is not None:
             await self._transfer(sizes[0])
             if after is not None:
-                await trio.to_thread.run_sync(after)
+                await run_after(after)
         return etag
 
     async def delete(self, key: str) -> None:
