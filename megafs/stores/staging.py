@@ -26,8 +26,8 @@ a directory object may start while other files' chunks are still uploading (once
 the uploader's walk of the queue reaches it: with ``concurrency`` uploads ahead of
 it, it waits its turn; measured on the slow-store ``tar x``, the time until the
 store had everything did not change). Groups are not recorded on disk: operations
-found at mount are uploaded one barrier at a time. Chunks never wait: the uploader walks past
-barriers that must wait and starts the chunks staged after them.
+found at mount are uploaded one barrier at a time. Chunks never wait: the uploader
+walks past barriers that must wait and starts the chunks staged after them.
 Non-barrier objects are immutable and named by their content, so one the remote
 store has already (same key and size) is not uploaded again (dedup, off the write
 path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
@@ -227,7 +227,8 @@ class _Entry:
 
 def _needs_met(needs: list[int], pending: Container[int]) -> bool:
     """Whether none of the puts in ``needs`` (largest sequence number first) is
-    ``pending``; drops the ones that are not from the list's end, smallest first."""
+    ``pending``; drops the done ones from the list's end (smallest first) until one
+    is still pending."""
     while needs and needs[-1] not in pending:
         needs.pop()
     return not needs
