@@ -146,8 +146,9 @@ class WriteBack(Protocol):
         (each after everything staged before the context)."""
 
     def needing(self, keys: Collection[str]) -> AbstractContextManager[None]:
-        """Inside a group: the object staged in this context uses no chunk but
-        ``keys``, so it need not wait for the other chunks staged before it."""
+        """Inside a group: the object staged in this context uses nothing staged
+        before it but ``keys`` (chunks, new objects of its group), so it need not
+        wait for the other chunks staged before it."""
 
 
 class Vfs:
