@@ -36,6 +36,20 @@ fuse_available = os.path.exists("/dev/fuse") and os.access("/dev/fuse", os.R_OK 
 needs_fuse = pytest.mark.skipif(not fuse_available, reason="/dev/fuse is not usable here")
 
 
+def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of each function run by ``trio.to_thread.run_sync`` from now
+    on (the test's thread hops) in the list returned."""
+    hops: list[str] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Callable[..., object], *args: object, **kw: object) -> object:
+        hops.append(getattr(fn, "__name__", "?"))
+        return await run_sync(fn, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return hops
+
+
 def make_volume(store_dir: Path, passphrase: str = PASSPHRASE) -> Path:
     """Create a volume in ``store_dir`` (a local store) and return the path."""
     store_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import PASSPHRASE, TEST_KDF, make_volume
+from conftest import PASSPHRASE, TEST_KDF, count_thread_hops, make_volume
 
 from megafs import stack
 from megafs.config import parse_options
@@ -270,14 +270,7 @@ def test_put_computed_through_the_store_wrappers(
     where the store can (one hop); None puts nothing and runs nothing after."""
     threads: list[int] = []
     afters: list[tuple[int, bool]] = []
-    hops: list[str] = []
-    run_sync = trio.to_thread.run_sync
-
-    async def counted(fn: Callable[..., object], *args: object, **kw: object) -> object:
-        hops.append(getattr(fn, "__name__", "?"))
-        return await run_sync(fn, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    hops = count_thread_hops(monkeypatch)
 
     def compute(key: str) -> Computed:
         threads.append(threading.get_ident())

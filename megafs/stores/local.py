@@ -6,10 +6,20 @@ Keys are validated by :func:`validate_key`: ``/``-separated segments of
 
 Writes are atomic and durable. The bytes go to a temporary file ``.tmp-*`` in the
 target's directory, which is flushed and fsynced; ``os.replace`` (or ``os.link`` for a
-create-only put) publishes it, and the directory is fsynced. Missing parent
-directories are created, and the parent of each new directory is fsynced. A crash
+create-only put) publishes it, and the directory is fsynced, with its parents up to
+the store's root (so the names of new directories are durable too; missing ones are
+created). A crash
 leaves at most a stray ``.tmp-*`` file, which :meth:`LocalStore.list` and
 :meth:`LocalStore.get` never see. Emptied directories are not removed.
+
+Puts are group-committed: the puts waiting for a worker thread at the same time
+(the staging area uploads up to 64 at once) are written as one batch in one thread.
+Every file of the batch is written and its writeback started, then each is fsynced,
+all are published under one lock, and each directory touched is fsynced once. Each
+put is still durable when it returns, but a batch costs the filesystem about two
+journal commits, not two per put, and the process one thread hop, not one per put
+(measured, 1,024 puts of 64 KiB in one thread: 0.47-0.63 ms a put one by one,
+0.24 ms in batches of 32). Each put of a batch succeeds or fails on its own.
 
 Every commit step (replace, link, compare-and-replace, unlink) runs under an exclusive
 ``flock`` on ``ROOT/.lock``, so conditional puts are atomic among tasks, threads and
@@ -32,6 +42,7 @@ write always finishes or rolls back.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -40,10 +51,11 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import final
+from typing import Final, final
 
 import trio
 
@@ -97,6 +109,26 @@ def _error(exc: OSError, op: str, key: str) -> StoreError:
 
 def _missing(key: str) -> ObjectNotFound:
     return ObjectNotFound(f"local store: no object {key!r}")
+
+
+#: Puts written in one worker thread at most (see the module docstring), and batches
+#: in worker threads at once: a batch's fsyncs wait for the disk while another one
+#: writes.
+PUT_BATCH_MAX: Final = 32
+PUT_BATCHES: Final = 2
+
+_SYNC_FILE_RANGE_WRITE: Final = 2
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk, without waiting (Linux; elsewhere
+    nothing): the fsync that follows then finds them written or on their way, and a
+    batch's files share one journal commit. Only a hint: the fsync is what counts."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -174,6 +206,55 @@ class _MtimeClock:
 _CLOCK = _MtimeClock()
 
 
+@dataclass(eq=False)
+class _Put:
+    """One put waiting for (or in) a batch; ``ended`` once it succeeded (``etag``,
+    None if ``compute`` returned nothing) or failed (``error``). The fields after
+    ``if_match`` are written by the batch's worker thread and read by the put's task
+    once that thread has ended."""
+
+    compute: Callable[[], Computed | None]
+    after: Callable[[], None] | None = None
+    if_none_match: bool = False
+    if_match: str | None = None
+    etag: str | None = None
+    error: Exception | None = None
+    ended: bool = False
+
+    def fail(self, exc: Exception) -> None:
+        self.error, self.ended = exc, True
+
+
+@dataclass(eq=False)
+class _Written:
+    """A batched put's temp file, written and not yet published."""
+
+    put: _Put
+    key: str
+    path: str
+    tmp: str
+    fd: int = -1
+    etag: str = ""
+    # Its directory and their parents up to the store's root: fsynced once the batch
+    # is published (each once per batch).
+    dirs: Sequence[str] = ()
+
+
+@dataclass(eq=False)
+class _Batches:
+    """The puts waiting for a batch and the batches in worker threads, of one store
+    in one trio run (see :meth:`LocalStore._run_put`)."""
+
+    token: object
+    waiting: list[_Put] = field(default_factory=list)
+    running: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def ended(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
 @final
 class LocalStore:
     """An :class:`~megafs.stores.base.ObjectStore` in the directory ``root``.
@@ -185,6 +266,7 @@ class LocalStore:
     def __init__(self, root: Path) -> None:
         self._root = Path(root).absolute()
         self._root_str = os.fspath(self._root)
+        self._batches: _Batches | None = None
 
     @property
     def root(self) -> Path:
@@ -270,61 +352,196 @@ class LocalStore:
         validate_key(key)
         if if_none_match and if_match is not None:
             raise ValueError("put: if_none_match and if_match are exclusive")
-        return await trio.to_thread.run_sync(self._put_sync, key, data, if_none_match, if_match)
+        etag = await self._run_put(_Put(lambda: (key, data), None, if_none_match, if_match))
+        assert etag is not None
+        return etag
 
     async def put_computed(
         self,
         compute: Callable[[], Computed | None],
         after: Callable[[], None] | None = None,
     ) -> str | None:
-        """``put`` of what ``compute`` returns, then ``after``, all in one worker
-        thread (see :func:`megafs.stores.base.put_computed`): the staging area's
+        """``put`` of what ``compute`` returns, then ``after``, all in the batch's
+        worker thread (see :func:`megafs.stores.base.put_computed`): the staging area's
         uploads read the staged file, write the object and move the staged file into
-        the cache with one thread hop, not three."""
+        the cache without a thread hop of their own."""
+        return await self._run_put(_Put(compute, after))
 
-        def work() -> str | None:
-            result = materialized(compute())
+    async def _run_put(self, put: _Put) -> str | None:
+        """Queue ``put`` for a batch and return once it ended (its error raised).
+
+        Concurrency: the task whose put is still waiting and finds fewer than
+        ``PUT_BATCHES`` batches running takes up to ``PUT_BATCH_MAX`` waiting puts
+        (its own among them) and runs them in a worker thread; the others wait for a
+        batch to end and look again. Taking puts off ``waiting`` and counting the
+        batch in ``running`` is one synchronous step. A batch whose runner is
+        cancelled before its thread starts goes back to the front of the queue; a
+        started one always runs to its end. A cancelled put that is still waiting is
+        withdrawn (it never happens); one in a running batch is waited for, so a
+        cancelled put never lands after its caller has moved on."""
+        token = trio.lowlevel.current_trio_token()
+        batches = self._batches
+        if batches is None or batches.token is not token:
+            batches = self._batches = _Batches(token)
+        batches.waiting.append(put)
+        try:
+            while not put.ended:
+                if batches.running >= PUT_BATCHES or put not in batches.waiting:
+                    await batches.changed.wait()
+                    continue
+                batch = batches.waiting[:PUT_BATCH_MAX]
+                del batches.waiting[:PUT_BATCH_MAX]
+                batches.running += 1
+                try:
+                    await trio.to_thread.run_sync(self._put_batch, batch)
+                finally:
+                    batches.running -= 1
+                    batches.waiting[:0] = [p for p in batch if not p.ended]
+                    batches.ended()
+        except BaseException:
+            if put in batches.waiting:
+                batches.waiting.remove(put)
+                raise
+            with trio.CancelScope(shield=True):
+                while not put.ended:
+                    await batches.changed.wait()
+            raise
+        if put.error is not None:
+            raise put.error
+        return put.etag
+
+    def _put_batch(self, batch: Sequence[_Put]) -> None:
+        """Run ``batch`` (in a worker thread): write every temp file and start its
+        writeback, fsync each, publish them all under the lock, fsync each directory
+        once, then run the ``after`` steps. Ends every put of the batch, each with its
+        own result or error; raises nothing."""
+        written: list[_Written] = []
+        try:
+            for put in batch:
+                item = self._write_one(put)
+                if item is not None:
+                    written.append(item)
+            for item in written:
+                self._sync_one(item)
+            published = self._publish([w for w in written if not w.put.ended])
+            self._sync_dirs(published)
+            for item in published:
+                put = item.put
+                if put.ended:
+                    continue
+                put.etag = item.etag
+                try:
+                    if put.after is not None:
+                        put.after()
+                except Exception as exc:  # (``after`` must not raise: a bug)
+                    put.fail(exc)
+                else:
+                    put.ended = True
+        except Exception as exc:  # (a bug: every put's own failure is caught above)
+            for put in batch:
+                if not put.ended:
+                    put.fail(exc)
+        finally:
+            for item in written:
+                if item.fd >= 0:
+                    os.close(item.fd)
+                if item.put.error is not None:
+                    _unlink_quietly(item.tmp)
+
+    def _write_one(self, put: _Put) -> _Written | None:
+        """Compute ``put``'s object and write it to a temp file, its writeback started
+        (None: nothing to write, or it failed: the put has ended)."""
+        try:
+            result = materialized(put.compute())
             if result is None:
+                put.ended = True
                 return None
             key, data = result
             validate_key(key)
-            etag = self._put_sync(key, data, False, None)
-            if after is not None:
-                after()
-            return etag
-
-        return await trio.to_thread.run_sync(work)
-
-    def _put_sync(
-        self, key: str, data: bytes | bytearray, if_none_match: bool, if_match: str | None
-    ) -> str:
+        except Exception as exc:
+            put.fail(exc)
+            return None
         path = self._path(key)
         directory = os.path.dirname(path)
+        tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
+        item = _Written(put, key, path, tmp, dirs=self._dirs_of(path))
         try:
             self._ensure_dir(directory)
-            tmp, etag = self._write_temp(directory, data)
+            item.fd = os.open(tmp, _TMP_FLAGS, _FILE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(item.fd, view) :]
+            stamp = _CLOCK.next()
+            os.utime(item.fd, ns=(stamp, stamp))
+            _start_writeback(item.fd)
         except OSError as exc:
-            raise _error(exc, "put", key) from exc
+            put.fail(_error(exc, "put", key))
+        return item
+
+    def _sync_one(self, item: _Written) -> None:
+        """fsync ``item``'s temp file and note its ETag."""
+        if item.put.ended:
+            return
+        try:
+            os.fsync(item.fd)
+            item.etag = _etag(os.fstat(item.fd))
+        except OSError as exc:
+            item.put.fail(_error(exc, "put", item.key))
+
+    def _publish(self, items: Sequence[_Written]) -> Sequence[_Written]:
+        """Move each temp file of ``items`` to its object's name, under the lock, in
+        order (each put's condition checked against the ones before it); the ones
+        published."""
+        if not items:
+            return []
+        published: list[_Written] = []
         try:
             with self._locked():
-                if if_none_match:
-                    self._commit_create(tmp, path, key)
-                elif if_match is not None:
-                    self._check_etag(path, key, if_match)
-                    os.replace(tmp, path)
-                else:
-                    os.replace(tmp, path)
-            _fsync_dir(directory)
-        except OSError as exc:
-            _unlink_quietly(tmp)
-            raise _error(exc, "put", key) from exc
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        return etag
+                for item in items:
+                    put = item.put
+                    try:
+                        if put.if_none_match:
+                            self._commit_create(item.tmp, item.path, item.key)
+                        elif put.if_match is not None:
+                            self._check_etag(item.path, item.key, put.if_match)
+                            os.replace(item.tmp, item.path)
+                        else:
+                            os.replace(item.tmp, item.path)
+                    except PreconditionFailed as exc:
+                        put.fail(exc)
+                    except OSError as exc:
+                        put.fail(_error(exc, "put", item.key))
+                    else:
+                        published.append(item)
+        except OSError as exc:  # (the lock file)
+            for item in items:
+                if not item.put.ended:
+                    item.put.fail(_error(exc, "put", item.key))
+        return published
+
+    @staticmethod
+    def _sync_dirs(items: Sequence[_Written]) -> None:
+        """fsync each directory that ``items`` changed once (the first one commits
+        the renames and new directories of all); a put fails if one of its
+        directories cannot be fsynced."""
+        failed: dict[str, OSError] = {}
+        done: set[str] = set()
+        for item in items:
+            for directory in item.dirs:
+                if directory not in done and directory not in failed:
+                    try:
+                        _fsync_dir(directory)
+                        done.add(directory)
+                    except OSError as exc:
+                        failed[directory] = exc
+                error = failed.get(directory)
+                if error is not None:
+                    item.put.fail(_error(error, "put", item.key))
+                    break
 
     def _ensure_dir(self, directory: str) -> None:
-        """Create ``directory`` and its missing parents, fsyncing each new one's parent."""
+        """Create ``directory`` and its missing parents (fsynced with the batch: see
+        :meth:`_dirs_of`)."""
         if os.path.isdir(directory):
             return
         parent = os.path.dirname(directory)
@@ -334,27 +551,18 @@ class LocalStore:
             os.mkdir(directory, _DIR_MODE)
         except FileExistsError:
             return  # created concurrently (or a file is in the way: the put fails later)
-        _fsync_dir(parent)
+        if not directory.startswith(self._root_str + os.sep):
+            _fsync_dir(parent)  # (the root or above: once in the store's life)
 
-    def _write_temp(self, directory: str, data: bytes | bytearray) -> tuple[str, str]:
-        """Write ``data`` durably to a new temp file in ``directory``: (path, ETag)."""
-        tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
-        fd = os.open(tmp, _TMP_FLAGS, _FILE_MODE)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            stamp = _CLOCK.next()
-            os.utime(fd, ns=(stamp, stamp))
-            os.fsync(fd)
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        os.close(fd)
-        return tmp, _etag(st)
+    def _dirs_of(self, path: str) -> Sequence[str]:
+        """The directories from ``path``'s own up to the root, whose fsync makes a
+        put of ``path`` durable: its name, and the names of directories that this
+        put or another one (in another thread, whose fsync may not have happened
+        yet) created on the way. Once per batch, they cost little after the first."""
+        dirs = [os.path.dirname(path)]
+        while dirs[-1] != self._root_str and len(dirs[-1]) > len(self._root_str):
+            dirs.append(os.path.dirname(dirs[-1]))
+        return dirs
 
     def _commit_create(self, tmp: str, path: str, key: str) -> None:
         """Publish ``tmp`` as ``path`` unless ``path`` exists (caller holds the lock)."""
