@@ -143,6 +143,31 @@ def test_a_barrier_that_names_its_chunks_waits_only_for_those(tmp_path: Path) ->
     trio.run(main)
 
 
+def test_a_barrier_whose_chunks_are_up_goes_ahead_of_the_queued_chunks(
+    tmp_path: Path,
+) -> None:
+    """A directory object whose needs are met starts at the next free upload slot,
+    not when the walk of the queue reaches it behind every chunk staged before it."""
+
+    async def main() -> None:
+        others = [f"c/other{i}" for i in range(12)]
+        remote = _Recording(delay=0.0, slow=dict.fromkeys(others, 0.05))
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier, concurrency=2)
+        await s.put("c/mine", b"chunk")
+        for key in others:
+            await s.put(key, b"unrelated chunk")
+        with s.group():
+            with s.needing(["c/mine"]):
+                await s.put("d/mine", b"meta")
+        await _upload_all(s)
+
+        flying, done = remote.at_start["d/mine"]
+        assert "c/mine" in done
+        assert len((flying | done) & set(others)) <= 3  # (was: all 12 started first)
+
+    trio.run(main)
+
+
 def test_after_steps_share_worker_threads_and_all_run() -> None:
     """run_after: puts that end together run their steps in one thread hop; each
     caller returns once its own step has run."""

@@ -22,10 +22,10 @@ A barrier staged with :meth:`StagingStore.needing` (the chunks its files use, th
 new objects of its group it links) waits only for those and for the barriers
 before its group, not for every chunk staged before it: the metadata still reaches
 the store commit after commit, a directory that links a new one goes after it, and
-a directory object may start while other files' chunks are still uploading (once
-the uploader's walk of the queue reaches it: with ``concurrency`` uploads ahead of
-it, it waits its turn; measured on the slow-store ``tar x``, the time until the
-store had everything did not change). Groups are not recorded on disk: operations
+a directory object starts as soon as what it names is on the store, ahead of the
+chunks queued before it, while other files' chunks are still uploading (the
+uploader's first pass, :meth:`StagingStore._start_ready_barriers`). Groups are not
+recorded on disk: operations
 found at mount are uploaded one barrier at a time. Chunks never wait: the uploader
 walks past barriers that must wait and starts the chunks staged after them.
 Non-barrier objects are immutable and named by their content, so one the remote
@@ -399,6 +399,9 @@ class StagingStore:
         self._sending = 0  # bytes of the uploads in flight (the uploader's; see run_uploader)
         self._entries: dict[str, _Entry] = {}
         self._order: dict[int, _Entry] = {}  # seq -> entry, not yet uploaded (insertion order)
+        # The barriers of _order (metadata puts and deletions), in the same order: the
+        # uploader's first pass looks for the ones that may start (see run_uploader).
+        self._barriers: dict[int, _Entry] = {}
         # Entries staged since the last sync took its list (sync: no walk of the
         # whole queue per fsync, however long the backlog); _sync_lock serialises syncs.
         self._unsynced: list[_Entry] = []
@@ -464,6 +467,8 @@ class StagingStore:
             return
         self._entries[entry.key] = entry
         self._order[entry.seq] = entry
+        if entry.delete or self._is_barrier(entry.key):
+            self._barriers[entry.seq] = entry
         if not entry.synced:
             self._unsynced.append(entry)
         self.pending_bytes += entry.size
@@ -841,14 +846,15 @@ class StagingStore:
                 if not in_round:
                     await self._wait_round()
                     in_round, self._now = True, False
-                started = False
-                # No await in this loop: it walks the queue itself, not a copy (one
-                # per finished upload was quadratic in a long queue). `front` is the
-                # group of every entry walked so far (None: none walked; 0: they are
-                # not all barriers of one group), so a barrier may start iff `front`
-                # is None or its own group. `bfront` is the same for the barriers
-                # walked so far: a barrier that knows what it needs (`needs`) may
-                # start iff `bfront` is None or its own group and those puts are done.
+                # No await in the walks below: they walk the queue itself, not a copy
+                # (one per finished upload was quadratic in a long queue).
+                started = self._start_ready_barriers(nursery, limit, in_flight)
+                # `front` is the group of every entry walked so far (None: none
+                # walked; 0: they are not all barriers of one group), so a barrier may
+                # start iff `front` is None or its own group. `bfront` is the same for
+                # the barriers walked so far: a barrier that knows what it needs
+                # (`needs`) may start iff `bfront` is None or its own group and those
+                # puts are done.
                 front: int | None = None
                 bfront: int | None = None
                 blocked = 0
@@ -868,20 +874,65 @@ class StagingStore:
                         if blocked > WALK_BLOCKED_MAX:
                             break
                         continue  # it waits for what was staged before it; chunks don't
-                    if limit.value == 0:
+                    if not self._start(e, nursery, limit, in_flight):
                         break
-                    size = 0 if e.delete else e.size
-                    if in_flight and self._sending + size > self.bytes_in_flight:
-                        break  # (one upload is always allowed, however large)
-                    limit.acquire_nowait()
-                    in_flight.add(seq)
-                    self._sending += size
-                    nursery.start_soon(self._upload, e, limit, in_flight)
                     started = True
                 if started:
                     await trio.lowlevel.checkpoint()  # (let the new uploads run)
                 else:
                     await self._wait_change()
+
+    def _start_ready_barriers(
+        self, nursery: trio.Nursery, limit: trio.Semaphore, in_flight: set[int]
+    ) -> bool:
+        """The uploader's first pass: start the barriers of the front group whose
+        needs are met (``needs``), ahead of the chunks queued before them; whether it
+        started one. A directory object so goes up as soon as the chunks it names
+        are on the store, not when the walk of the whole queue reaches it behind
+        ``concurrency`` chunks: the chain of directory objects that a commit's
+        stages and the next commit wait for runs alongside the chunk uploads
+        instead of after them. Measured on the slow-store ``tar x`` (1,160 uploads):
+        the last commit's directories had waited 0.3 s past their chunks.
+
+        Same rule as the main walk (``bfront``): only barriers of the first group
+        among the pending barriers may start, so the pass ends at the first barrier
+        of another group (or one that waits for everything before it), or after
+        ``WALK_BLOCKED_MAX`` that must wait, as the main walk does."""
+        started = False
+        bfront: int | None = None
+        blocked = 0
+        for seq, e in self._barriers.items():
+            group = e.group
+            if e.needs is None or bfront not in (None, group):
+                break  # (it, or any barrier after it, waits for what is before it)
+            bfront = group
+            if seq in in_flight:
+                continue
+            if not _needs_met(e.needs, self._order):
+                blocked += 1
+                if blocked > WALK_BLOCKED_MAX:
+                    break
+                continue
+            if not self._start(e, nursery, limit, in_flight):
+                break
+            started = True
+        return started
+
+    def _start(
+        self, e: _Entry, nursery: trio.Nursery, limit: trio.Semaphore, in_flight: set[int]
+    ) -> bool:
+        """Start uploading ``e`` if the concurrency limit and the byte budget allow
+        (one upload is always allowed, however large); whether it started."""
+        if limit.value == 0:
+            return False
+        size = 0 if e.delete else e.size
+        if in_flight and self._sending + size > self.bytes_in_flight:
+            return False
+        limit.acquire_nowait()
+        in_flight.add(e.seq)
+        self._sending += size
+        nursery.start_soon(self._upload, e, limit, in_flight)
+        return True
 
     def _retrying(self, exc: BaseException) -> None:
         """An upload's store request failed and the store retries it: show the error at
@@ -919,6 +970,7 @@ class StagingStore:
             self.upload_rate.add(sent)
             e.done = True
             del self._order[e.seq]
+            self._barriers.pop(e.seq, None)
             self.pending_bytes -= e.size
             if self._entries.get(e.key) is e:
                 del self._entries[e.key]
