@@ -164,3 +164,50 @@ def test_a_cancelled_put_lands_only_if_its_batch_had_started(
 
     trio.run(main)
     assert _temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("syncfs_works", [True, False])
+def test_a_large_batch_syncs_the_filesystem_or_else_each_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs_works: bool
+) -> None:
+    """More than SYNCFS_MIN puts in a batch: two syncfs calls instead of an fsync per
+    file and directory; if syncfs fails, the fsyncs."""
+    monkeypatch.setattr(local, "PUT_BATCHES", 1)
+    calls: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        real_fsync(fd)
+
+    real_syncfs = local.syncfs
+
+    def syncfs(directory: str) -> bool:
+        calls.append("syncfs")
+        return syncfs_works and real_syncfs(directory)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = LocalStore(tmp_path)
+    release = threading.Event()
+    n = local.SYNCFS_MIN + 4
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.put_computed, lambda: (release.wait(10), ("a/first", b"1"))[1])
+            await trio.sleep(0.05)
+            monkeypatch.setattr(local, "syncfs", syncfs)
+            calls.clear()
+            for i in range(n):
+                nursery.start_soon(store.put, f"b/{i}", b"x" * i)
+            await trio.sleep(0.05)
+            release.set()
+        for i in range(n):
+            assert await store.get(f"b/{i}") == b"x" * i
+
+    trio.run(main)
+    # The first batch, one put: its file, its directory and the root fsynced.
+    assert calls[:3] == ["fsync"] * 3
+    if syncfs_works:
+        assert calls[3:] == ["syncfs"] * 2
+    else:  # (a failed syncfs is not tried again for the names)
+        assert calls[3:] == ["syncfs"] + ["fsync"] * (n + 2)  # each file, "b", the root

@@ -84,7 +84,6 @@ and lowered by that upload's task when it ends.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import hashlib
@@ -117,6 +116,7 @@ from megafs.stores.base import (
     data_size,
     put_computed,
 )
+from megafs.stores.local import syncfs
 from megafs.stores.retry import retry_observer
 
 log = logging.getLogger(__name__)
@@ -323,9 +323,6 @@ def _read_range(path: Path, start: int, end: int | None) -> bytes:
     return data
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _advance(pieces: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
     """``pieces`` without their first ``n`` bytes."""
     out: list[bytes | memoryview] = []
@@ -336,18 +333,6 @@ def _advance(pieces: list[bytes | memoryview], n: int) -> list[bytes | memoryvie
         out.append(memoryview(p)[n:])
         n = 0
     return out
-
-
-def _syncfs(directory: Path) -> bool:
-    """syncfs(2) on the filesystem holding ``directory``; False if unavailable."""
-    fn = getattr(_libc, "syncfs", None)
-    if fn is None:
-        return False
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return int(fn(fd)) == 0
-    finally:
-        os.close(fd)
 
 
 def _read_payload(path: Path) -> bytes:
@@ -760,7 +745,7 @@ class StagingStore:
 
     async def _fsync_entries(self, todo: Sequence[_Entry]) -> None:
         def fsync_all() -> None:
-            if len(todo) > 8 and _syncfs(self.directory):
+            if len(todo) > 8 and syncfs(self.directory):
                 return  # one syncfs beats thousands of fsyncs
             for e in todo:
                 try:
