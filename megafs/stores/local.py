@@ -139,7 +139,10 @@ def syncfs(directory: str | os.PathLike[str]) -> bool:
     is not available (then fsync what must be durable, one by one)."""
     if _syncfs is None:
         return False
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
     try:
         return int(_syncfs(fd)) == 0
     finally:
