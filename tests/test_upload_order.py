@@ -168,6 +168,83 @@ def test_a_barrier_whose_chunks_are_up_goes_ahead_of_the_queued_chunks(
     trio.run(main)
 
 
+async def _commit_put(s: StagingStore, key: str, data: bytes, needs: list[str]) -> None:
+    """Stage ``key`` as a commit does: a group of its own, naming what it needs."""
+    with s.group(), s.needing(needs):
+        await s.put(key, data)
+
+
+@pytest.mark.parametrize("case", ["superseded", "new", "needed", "unsynced", "strict"])
+def test_a_directory_that_a_later_commit_rewrote_is_uploaded_once(
+    tmp_path: Path, case: str
+) -> None:
+    """A commit's directory object that a newer commit's put replaces before the
+    uploader gets to it is not uploaded (the store goes straight to the newer
+    version), unless that could leave the store pointing at something it lacks: a
+    key not on the store yet, an object that a pending one needs, a newer version
+    not yet durable, a barrier between them that waits for everything before it."""
+
+    async def main() -> None:
+        remote = _Recording(delay=0.0)
+        s = StagingStore(remote, tmp_path, is_barrier=_barrier)
+        if case != "new":
+            await _commit_put(s, "d/k", b"v0", [])
+            await _upload_all(s)
+        await _commit_put(s, "d/k", b"v1", [])
+        if case == "needed":
+            await _commit_put(s, "d/parent", b"links k", ["d/k"])
+        if case == "strict":
+            await s.put("d/other", b"waits for all before it")
+        if case != "unsynced":
+            await s.sync()
+        await _commit_put(s, "d/k", b"v2", [])
+        if case != "unsynced":
+            await s.sync()
+        await _upload_all(s)
+
+        assert await remote.inner.get("d/k") == b"v2"
+        uploads = remote.finished.count("d/k") - (case != "new")
+        assert uploads == (1 if case == "superseded" else 2)
+        assert s.superseded == (case == "superseded")
+        assert s.pending_count == 0 and s.pending_bytes == 0
+        assert [p.name for p in tmp_path.iterdir() if p.suffix == ".op"] == []
+
+    trio.run(main)
+
+
+def test_a_directory_rewritten_before_upload_goes_up_once_and_the_volume_checks(
+    tmp_path: Path,
+) -> None:
+    """Through the filesystem: a directory on the store, changed by two commits
+    before the uploader runs, is uploaded once; the volume checks clean."""
+    ctx = Ctx(0, 0)
+
+    async def main() -> None:
+        store = _Recording(delay=0.0)
+        vfs, staging = await _vfs_over_staging(store, tmp_path)
+        top = (await vfs.mkdir(ROOT_INO, b"top", 0o755, ctx)).ino
+        await vfs.commit()
+        await _upload_all(staging)
+        subs = []
+        for n in range(2):
+            subs.append((await vfs.mkdir(top, b"sub%d" % n, 0o755, ctx)).ino)
+            fh, _ = await vfs.create(subs[-1], b"f", 0o644, os.O_WRONLY, ctx)
+            await vfs.write(fh, 0, b"data %d" % n)
+            await vfs.release(fh)
+            await vfs.commit()
+        report = await _closed_and_checked(vfs, staging, store)
+        volume = vfs.volume
+        # The first rewrites of top and of the root (top's link count changed) were
+        # replaced; the new directories, which they link, were not.
+        assert staging.superseded == 2
+        assert store.finished.count(volume.dir_key(top)) == 2  # made, then once more
+        assert store.finished.count(volume.dir_key(ROOT_INO)) == 3  # (and by create)
+        assert all(store.finished.count(volume.dir_key(i)) == 1 for i in subs)
+        assert report.directories == 4
+
+    trio.run(main)
+
+
 def test_after_steps_share_worker_threads_and_all_run() -> None:
     """run_after: puts that end together run their steps in one thread hop; each
     caller returns once its own step has run."""

@@ -24,8 +24,10 @@ before its group, not for every chunk staged before it: the metadata still reach
 the store commit after commit, a directory that links a new one goes after it, and
 a directory object starts as soon as what it names is on the store, ahead of the
 chunks queued before it, while other files' chunks are still uploading (the
-uploader's first pass, :meth:`StagingStore._start_ready_barriers`). Groups are not
-recorded on disk: operations
+uploader's first pass, :meth:`StagingStore._start_ready_barriers`). A commit's put
+that a later commit's put of the same key replaced before the uploader got to it
+is not uploaded at all when that is safe (:meth:`StagingStore._superseded`).
+Groups are not recorded on disk: operations
 found at mount are uploaded one barrier at a time. Chunks never wait: the uploader
 walks past barriers that must wait and starts the chunks staged after them.
 Non-barrier objects are immutable and named by their content, so one the remote
@@ -387,6 +389,9 @@ class StagingStore:
         # The barriers of _order (metadata puts and deletions), in the same order: the
         # uploader's first pass looks for the ones that may start (see run_uploader).
         self._barriers: dict[int, _Entry] = {}
+        # seq -> how many pending entries name it in their `needs` (see _superseded).
+        self._needed: dict[int, int] = {}
+        self.superseded = 0  # metadata puts not uploaded: a newer version replaced them
         # Entries staged since the last sync took its list (sync: no walk of the
         # whole queue per fsync, however long the backlog); _sync_lock serialises syncs.
         self._unsynced: list[_Entry] = []
@@ -565,6 +570,8 @@ class StagingStore:
             # (a deletion of one of them is a barrier before this one: waited for)
             pending = (self._entries.get(key) for key in refs)
             entry.needs = sorted({e.seq for e in pending if e is not None}, reverse=True)
+            for needed in entry.needs:
+                self._needed[needed] = self._needed.get(needed, 0) + 1
         self._add(entry)
         return entry
 
@@ -886,12 +893,16 @@ class StagingStore:
         started = False
         bfront: int | None = None
         blocked = 0
+        replaced: list[_Entry] = []
         for seq, e in self._barriers.items():
             group = e.group
             if e.needs is None or bfront not in (None, group):
                 break  # (it, or any barrier after it, waits for what is before it)
             bfront = group
             if seq in in_flight:
+                continue
+            if self._superseded(e):
+                replaced.append(e)
                 continue
             if not _needs_met(e.needs, self._order):
                 blocked += 1
@@ -901,7 +912,65 @@ class StagingStore:
             if not self._start(e, nursery, limit, in_flight):
                 break
             started = True
+        for e in replaced:
+            self._drop(e, nursery)
         return started
+
+    def _superseded(self, e: _Entry) -> bool:
+        """Whether ``e``, a metadata put of a commit's group, need not be uploaded
+        because a newer put of its key is staged (a directory that two commits
+        changed before the uploader got to it: a ``tar x`` rewrites its top
+        directories every second, each up to a MiB). Only if the store can go from
+        the version before ``e`` straight to the newer one without anything pointing
+        at what it lacks meanwhile:
+
+        - the key is on the store already (uploaded by this mount), so whatever
+          links it finds an object, and nothing pending names ``e`` in its needs (a
+          parent that a new directory made must wait for that object);
+        - no barrier staged between them waits for everything before it (a
+          deletion after the commit that unlinked its object);
+        - the newer put is durable locally (``synced``): dropping ``e`` loses no
+          version that a sync promised.
+
+        The newer put goes up in its own group's turn, after this one's."""
+        newest = self._entries.get(e.key)
+        if (
+            e.delete
+            or newest is None
+            or newest is e
+            or newest.delete
+            or not newest.synced
+            or e.key not in self._etags
+            or self._needed.get(e.seq)
+        ):
+            return False
+        between = False
+        for seq, b in self._barriers.items():
+            if seq == newest.seq:
+                return True
+            if between and b.needs is None:
+                return False
+            between = between or seq == e.seq
+        return False  # (the newer put is not pending: uploaded already)
+
+    def _drop(self, e: _Entry, nursery: trio.Nursery) -> None:
+        """Take superseded ``e`` off the queue as if uploaded (synchronous) and remove
+        its staged file (in a task: a file left by a crash is uploaded again at the
+        next mount, before the newer one, which is harmless)."""
+        e.done = True
+        del self._order[e.seq]
+        self._barriers.pop(e.seq, None)
+        self._needed.pop(e.seq, None)
+        for needed in e.needs or ():
+            left = self._needed.get(needed, 0) - 1
+            if left > 0:
+                self._needed[needed] = left
+            else:
+                self._needed.pop(needed, None)
+        self.pending_bytes -= e.size
+        self.superseded += 1
+        nursery.start_soon(trio.to_thread.run_sync, _remove, e.path)
+        self._changed.set()
 
     def _start(
         self, e: _Entry, nursery: trio.Nursery, limit: trio.Semaphore, in_flight: set[int]
@@ -956,6 +1025,7 @@ class StagingStore:
             e.done = True
             del self._order[e.seq]
             self._barriers.pop(e.seq, None)
+            self._needed.pop(e.seq, None)
             self.pending_bytes -= e.size
             if self._entries.get(e.key) is e:
                 del self._entries[e.key]
