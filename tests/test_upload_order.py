@@ -174,15 +174,18 @@ async def _commit_put(s: StagingStore, key: str, data: bytes, needs: list[str]) 
         await s.put(key, data)
 
 
-@pytest.mark.parametrize("case", ["superseded", "new", "needed", "unsynced", "strict"])
+@pytest.mark.parametrize(
+    "case", ["superseded", "new", "needed", "unsynced", "strict", "unremovable"]
+)
 def test_a_directory_that_a_later_commit_rewrote_is_uploaded_once(
-    tmp_path: Path, case: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     """A commit's directory object that a newer commit's put replaces before the
     uploader gets to it is not uploaded (the store goes straight to the newer
     version), unless that could leave the store pointing at something it lacks: a
     key not on the store yet, an object that a pending one needs, a newer version
-    not yet durable, a barrier between them that waits for everything before it."""
+    not yet durable, a barrier between them that waits for everything before it;
+    or its staged file cannot be removed (a crash would replay it later)."""
 
     async def main() -> None:
         remote = _Recording(delay=0.0)
@@ -191,6 +194,18 @@ def test_a_directory_that_a_later_commit_rewrote_is_uploaded_once(
             await _commit_put(s, "d/k", b"v0", [])
             await _upload_all(s)
         await _commit_put(s, "d/k", b"v1", [])
+        if case == "unremovable":
+            v1 = s._entries["d/k"].path
+            unlink = Path.unlink
+            failed: list[Path] = []
+
+            def refuse_once(path: Path, missing_ok: bool = False) -> None:
+                if path == v1 and not failed:
+                    failed.append(path)
+                    raise OSError(5, "Input/output error")
+                unlink(path, missing_ok=missing_ok)
+
+            monkeypatch.setattr(Path, "unlink", refuse_once)
         if case == "needed":
             await _commit_put(s, "d/parent", b"links k", ["d/k"])
         if case == "strict":
@@ -206,6 +221,8 @@ def test_a_directory_that_a_later_commit_rewrote_is_uploaded_once(
         uploads = remote.finished.count("d/k") - (case != "new")
         assert uploads == (1 if case == "superseded" else 2)
         assert s.superseded == (case == "superseded")
+        if case == "unremovable":
+            assert failed  # (it was superseded, and kept)
         assert s.pending_count == 0 and s.pending_bytes == 0
         assert [p.name for p in tmp_path.iterdir() if p.suffix == ".op"] == []
 

@@ -225,6 +225,7 @@ class _Entry:
     # the puts it waits for (largest first; pruned by the uploader's walk) besides
     # the barriers before its group. None: it waits for everything before its group.
     needs: list[int] | None = None
+    keep: bool = False  # uploaded even if superseded (its file could not be removed)
 
 
 def _needs_met(needs: list[int], pending: Container[int]) -> bool:
@@ -913,7 +914,7 @@ class StagingStore:
                 break
             started = True
         for e in replaced:
-            self._drop(e, nursery)
+            self._drop(e)
         return started
 
     def _superseded(self, e: _Entry) -> bool:
@@ -936,6 +937,7 @@ class StagingStore:
         newest = self._entries.get(e.key)
         if (
             e.delete
+            or e.keep
             or newest is None
             or newest is e
             or newest.delete
@@ -953,10 +955,18 @@ class StagingStore:
             between = between or seq == e.seq
         return False  # (the newer put is not pending: uploaded already)
 
-    def _drop(self, e: _Entry, nursery: trio.Nursery) -> None:
-        """Take superseded ``e`` off the queue as if uploaded (synchronous) and remove
-        its staged file (in a task: a file left by a crash is uploaded again at the
-        next mount, before the newer one, which is harmless)."""
+    def _drop(self, e: _Entry) -> None:
+        """Take superseded ``e`` off the queue as if uploaded, its staged file removed
+        first. Synchronous, the unlink too (rare, and cheap): the file must be gone
+        before the newer put can reach the store, or a crash in between would have
+        the next mount upload this older version over it (see _send). If it cannot
+        be removed, ``e`` stays, and is uploaded."""
+        try:
+            e.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("staging: cannot remove %s: %s", e.path, exc.strerror or exc)
+            e.keep = True
+            return
         e.done = True
         del self._order[e.seq]
         self._barriers.pop(e.seq, None)
@@ -969,7 +979,6 @@ class StagingStore:
                 self._needed.pop(needed, None)
         self.pending_bytes -= e.size
         self.superseded += 1
-        nursery.start_soon(trio.to_thread.run_sync, _remove, e.path)
         self._changed.set()
 
     def _start(
