@@ -8,9 +8,9 @@ Writes are atomic and durable. The bytes go to a temporary file ``.tmp-*`` in th
 target's directory, which is flushed and fsynced; ``os.replace`` (or ``os.link`` for a
 create-only put) publishes it, and the directory is fsynced, with its parents up to
 the store's root (so the names of new directories are durable too; missing ones are
-created). A crash
-leaves at most a stray ``.tmp-*`` file, which :meth:`LocalStore.list` and
-:meth:`LocalStore.get` never see. Emptied directories are not removed.
+created). A crash leaves at most a stray ``.tmp-*`` file, which
+:meth:`LocalStore.list` and :meth:`LocalStore.get` never see. Emptied directories
+are not removed.
 
 Puts are group-committed: the puts waiting for a worker thread at the same time
 (the staging area uploads up to 64 at once) are written as one batch in one thread.

@@ -27,9 +27,9 @@ chunks queued before it, while other files' chunks are still uploading (the
 uploader's first pass, :meth:`StagingStore._start_ready_barriers`). A commit's put
 that a later commit's put of the same key replaced before the uploader got to it
 is not uploaded at all when that is safe (:meth:`StagingStore._superseded`).
-Groups are not recorded on disk: operations
-found at mount are uploaded one barrier at a time. Chunks never wait: the uploader
-walks past barriers that must wait and starts the chunks staged after them.
+Groups are not recorded on disk: operations found at mount are uploaded one barrier
+at a time. Chunks never wait: the uploader walks past barriers that must wait and
+starts the chunks staged after them.
 Non-barrier objects are immutable and named by their content, so one the remote
 store has already (same key and size) is not uploaded again (dedup, off the write
 path); objects under ``DEDUP_CHECK_MIN`` bytes are uploaded without asking.
