@@ -91,6 +91,9 @@ def test_conditional_put(dav: WebDavServer) -> None:
     async def main() -> None:
         s = fresh(dav)
         e1 = await s.put("h/x", b"one", if_none_match=True)
+        # Both servers have LOCK, which comes first: Apache checks If-None-Match, but
+        # not atomically with the write (two concurrent creates could both win).
+        assert s._conditional == "lock"
         with pytest.raises(PreconditionFailed):
             await s.put("h/x", b"two", if_none_match=True)
         e2 = await s.put("h/x", b"two", if_match=e1)

@@ -5,11 +5,15 @@ URL: ``webdav+http://HOST[:PORT]/PATH`` or ``webdav+https://...``. Credentials c
 basic and digest auth are both answered (digest via httpx.DigestAuth when the server asks
 for it). Keys map to paths below the base collection; ``/`` in a key is a collection.
 
-Conditional puts: RFC 4918/7232 servers honour ``If-None-Match: *`` and ``If-Match``. We
-probe once per store whether the server does (a conditional PUT that must fail); if it
-does not, conditional puts run under an exclusive LOCK, or, without LOCK, fall back to
-HEAD-then-PUT, which is only best effort: two concurrent writers may both succeed. This
-is logged once.
+Conditional puts: on a server with LOCK (class 2) they run under an exclusive LOCK.
+Without it, RFC 4918/7232 servers honour ``If-None-Match: *`` and ``If-Match``: we probe
+once per store whether the server does (a conditional PUT that must fail); if it does
+not either, conditional puts fall back to HEAD-then-PUT, which is only best effort: two
+concurrent writers may both succeed. This is logged once. LOCK comes first because a
+server may check those headers but not atomically with the write: Apache's mod_dav
+checks ``If-None-Match`` and then writes, so two concurrent create-only PUTs can both
+succeed (seen once in the store contract check: 2 winners of 10, on a loaded machine),
+and two mounts could then both think they made the volume's lease.
 
 Replacing objects: some servers write a PUT body in place (rclone before 1.63, servers
 on golang.org/x/net/webdav's Dir), so a PUT cut off mid-body would leave a prefix and
@@ -330,8 +334,8 @@ class WebDavStore:
             raise StoreUnavailable(f"WebDAV GET {key}: the object changed while it was read")
 
     async def _probe_conditional(self) -> str:
-        """How conditional puts are done: "headers" (the server refuses ``If-None-Match: *``
-        on an existing resource with 412), "lock" (it ignores them but has class 2 LOCK),
+        """How conditional puts are done: "lock" (the server has class 2 LOCK), "headers"
+        (it has not, and refuses ``If-None-Match: *`` on an existing resource with 412),
         or "none" (best effort check-then-put). Probed once per store."""
         async with self._probe_lock:
             if self._conditional is not None:
@@ -348,12 +352,11 @@ class WebDavStore:
             opts = await self._request("OPTIONS", self._base_path)
             classes = {c.strip() for c in opts.headers.get("dav", "").split(",")}
             self._can_lock = "2" in classes
-            if honoured:
-                self._conditional = "headers"
-                return "headers"
             if self._can_lock:
                 self._conditional = "lock"
-                log.info("%s ignores If-None-Match: conditional puts use LOCK", self._url)
+                log.info("%s has LOCK: conditional puts use it", self._url)
+            elif honoured:
+                self._conditional = "headers"
             else:
                 self._conditional = "none"
                 log.warning(
