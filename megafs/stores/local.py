@@ -46,6 +46,7 @@ write always finishes or rolls back.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -474,7 +475,8 @@ class LocalStore:
         finally:
             for item in written:
                 if item.fd >= 0:
-                    os.close(item.fd)
+                    with contextlib.suppress(OSError):  # (after its fsync: nothing lost)
+                        os.close(item.fd)
                 if item.put.error is not None:
                     _unlink_quietly(item.tmp)
 
