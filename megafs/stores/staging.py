@@ -967,6 +967,14 @@ class StagingStore:
             log.warning("staging: cannot remove %s: %s", e.path, exc.strerror or exc)
             e.keep = True
             return
+        self._retire(e)
+        self.superseded += 1
+        self._changed.set()
+
+    def _retire(self, e: _Entry) -> None:
+        """Take ``e`` off the queue: uploaded, or superseded (synchronous). The needs
+        it still names (none once uploaded: it started with all of them met) are no
+        longer counted."""
         e.done = True
         del self._order[e.seq]
         self._barriers.pop(e.seq, None)
@@ -978,8 +986,8 @@ class StagingStore:
             else:
                 self._needed.pop(needed, None)
         self.pending_bytes -= e.size
-        self.superseded += 1
-        self._changed.set()
+        if self._entries.get(e.key) is e:
+            del self._entries[e.key]
 
     def _start(
         self, e: _Entry, nursery: trio.Nursery, limit: trio.Semaphore, in_flight: set[int]
@@ -1031,13 +1039,7 @@ class StagingStore:
                 self._failing_since = None
             self.uploaded_bytes += e.size
             self.upload_rate.add(sent)
-            e.done = True
-            del self._order[e.seq]
-            self._barriers.pop(e.seq, None)
-            self._needed.pop(e.seq, None)
-            self.pending_bytes -= e.size
-            if self._entries.get(e.key) is e:
-                del self._entries[e.key]
+            self._retire(e)
         finally:
             in_flight.discard(e.seq)
             self._sending -= 0 if e.delete else e.size

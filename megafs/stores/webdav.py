@@ -151,7 +151,6 @@ class WebDavStore:
         self._collections: set[str] = set()
         self._base_checked = False
         self._conditional: str | None = None  # "headers", "lock" or "none"; see put()
-        self._can_lock = False  # server has class 2 (LOCK); set by the probe
         self._atomic_put: bool | None = None  # see _put_is_atomic()
         self._probe_lock = trio.Lock()
         # Locks of ours whose UNLOCK failed (encoded path -> lock token): released when a
@@ -340,6 +339,12 @@ class WebDavStore:
         async with self._probe_lock:
             if self._conditional is not None:
                 return self._conditional
+            opts = await self._request("OPTIONS", self._base_path)
+            classes = {c.strip() for c in opts.headers.get("dav", "").split(",")}
+            if "2" in classes:  # (class 2: LOCK)
+                self._conditional = "lock"
+                log.info("%s has LOCK: conditional puts use it", self._url)
+                return "lock"
             probe = self._base_path + _SCRATCH + "ifmatch-probe"
             resp = await self._request("PUT", probe, content=b"probe")
             if resp.status_code not in (200, 201, 204):
@@ -349,13 +354,7 @@ class WebDavStore:
             )
             honoured = resp.status_code == 412
             await self._request("DELETE", probe)
-            opts = await self._request("OPTIONS", self._base_path)
-            classes = {c.strip() for c in opts.headers.get("dav", "").split(",")}
-            self._can_lock = "2" in classes
-            if self._can_lock:
-                self._conditional = "lock"
-                log.info("%s has LOCK: conditional puts use it", self._url)
-            elif honoured:
+            if honoured:
                 self._conditional = "headers"
             else:
                 self._conditional = "none"
@@ -587,8 +586,9 @@ class WebDavStore:
                 mode = await self._probe_conditional()
                 if mode == "headers" and if_match is not None and if_match.startswith("W/"):
                     # If-Match compares strongly: a weak ETag (Apache gives one for a file
-                    # changed in the last second) never matches. Compare it ourselves.
-                    mode = "lock" if self._can_lock else "none"
+                    # changed in the last second) never matches. Compare it ourselves
+                    # (best effort: in "headers" mode the server has no LOCK).
+                    mode = "none"
                 if mode == "lock":
                     return await self._put_locked(key, path, data, if_none_match, if_match)
                 if mode == "headers":
